@@ -1,0 +1,35 @@
+//! `load_weights` for each model, with the CompVis key prefixes.
+
+use super::{LoadOptions, LoadReport, StateDict, load_into};
+use crate::Result;
+use crate::models::autoencoder::{AutoencoderKL, VQModel};
+
+/// Key prefix of the first stage inside a full LDM/SD checkpoint.
+pub const FIRST_STAGE_PREFIX: &str = "first_stage_model.";
+
+impl AutoencoderKL {
+    /// Loads CompVis-layout weights: keys under `first_stage_model.` (full LDM/SD checkpoints) or
+    /// bare (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`).
+    pub fn load_weights(&mut self, state_dict: &StateDict) -> Result<LoadReport> {
+        self.load_weights_with(state_dict, &LoadOptions::default())
+    }
+
+    /// [`load_weights`](Self::load_weights) with options.
+    pub fn load_weights_with(&mut self, state_dict: &StateDict, options: &LoadOptions) -> Result<LoadReport> {
+        let prefix = state_dict.detect_prefix(&[FIRST_STAGE_PREFIX]);
+        load_into(self, state_dict, "first stage (AutoencoderKL)", prefix, options)
+    }
+}
+
+impl VQModel {
+    /// Loads CompVis-layout weights (under `first_stage_model.` or bare), codebook included.
+    pub fn load_weights(&mut self, state_dict: &StateDict) -> Result<LoadReport> {
+        self.load_weights_with(state_dict, &LoadOptions::default())
+    }
+
+    /// [`load_weights`](Self::load_weights) with options.
+    pub fn load_weights_with(&mut self, state_dict: &StateDict, options: &LoadOptions) -> Result<LoadReport> {
+        let prefix = state_dict.detect_prefix(&[FIRST_STAGE_PREFIX]);
+        load_into(self, state_dict, "first stage (VQModel)", prefix, options)
+    }
+}

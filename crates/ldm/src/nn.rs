@@ -1,0 +1,17 @@
+//! Small constructors shared by the models (PyTorch defaults spelled out once).
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
+use burn::tensor::Device;
+
+/// `nn.Conv2d(c_in, c_out, k, stride=1, padding=pad)`.
+pub(crate) fn conv2d(c_in: usize, c_out: usize, k: usize, pad: usize, device: &Device) -> Conv2d {
+    Conv2dConfig::new([c_in, c_out], [k, k])
+        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+        .init(device)
+}
+
+/// `nn.GroupNorm(groups, c, eps, affine=True)`.
+pub(crate) fn group_norm(groups: usize, c: usize, eps: f64, device: &Device) -> GroupNorm {
+    GroupNormConfig::new(groups, c).with_epsilon(eps).init(device)
+}

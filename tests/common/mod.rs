@@ -1,0 +1,140 @@
+//! Helpers for the parity tests: fixture access, the test device, and tolerance checks.
+//!
+//! The device defaults to Flex; set `LDM_TEST_DEVICE` (e.g. `wgpu:cpu` with `--features wgpu`) to
+//! run the same suite on another backend.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+
+/// Path of a committed fixture.
+pub fn fixture_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// The device the tests run on (`LDM_TEST_DEVICE`, default `cpu` = Flex).
+pub fn device() -> Device {
+    let spec = std::env::var("LDM_TEST_DEVICE").unwrap_or_else(|_| "cpu".to_string());
+    ldm::device::parse_device(&spec).unwrap_or_else(|e| panic!("LDM_TEST_DEVICE={spec}: {e}"))
+}
+
+/// A fixture file's tensors (as f32 / i64 host data) and metadata.
+pub struct Fixture {
+    pub name: String,
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>, Vec<i64>)>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl Fixture {
+    pub fn open(name: &str) -> Self {
+        let path = fixture_path(name);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, meta) = SafeTensors::read_metadata(&bytes).expect("safetensors header");
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+        let mut tensors = HashMap::new();
+        for (key, view) in st.tensors() {
+            let shape = view.shape().to_vec();
+            let data = view.data();
+            let (f, i) = match view.dtype() {
+                Dtype::F32 => (data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(), vec![]),
+                Dtype::F16 => (
+                    data.chunks_exact(2).map(|b| half_to_f32(u16::from_le_bytes(b.try_into().unwrap()))).collect(),
+                    vec![],
+                ),
+                Dtype::I64 => (vec![], data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()),
+                other => panic!("{key}: unsupported dtype {other:?}"),
+            };
+            tensors.insert(key, (shape, f, i));
+        }
+        Self { name: name.to_string(), tensors, metadata }
+    }
+
+    fn entry(&self, key: &str) -> &(Vec<usize>, Vec<f32>, Vec<i64>) {
+        self.tensors.get(key).unwrap_or_else(|| panic!("{}: no tensor `{key}`", self.name))
+    }
+
+    pub fn shape(&self, key: &str) -> Vec<usize> {
+        self.entry(key).0.clone()
+    }
+
+    pub fn float<const D: usize>(&self, key: &str, device: &Device) -> Tensor<D> {
+        let (shape, data, _) = self.entry(key);
+        assert_eq!(shape.len(), D, "{key}: rank {} != {D}", shape.len());
+        Tensor::from_data(TensorData::new(data.clone(), shape.clone()), device)
+    }
+
+    pub fn int<const D: usize>(&self, key: &str, device: &Device) -> Tensor<D, Int> {
+        let (shape, _, data) = self.entry(key);
+        assert_eq!(shape.len(), D, "{key}: rank {} != {D}", shape.len());
+        Tensor::from_data(TensorData::new(data.clone(), shape.clone()), device)
+    }
+
+    pub fn ints(&self, key: &str) -> Vec<i64> {
+        self.entry(key).2.clone()
+    }
+
+    pub fn meta_json(&self, key: &str) -> String {
+        self.metadata.get(key).unwrap_or_else(|| panic!("{}: no metadata `{key}`", self.name)).clone()
+    }
+}
+
+fn half_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as i32;
+    let mant = (h & 0x3ff) as u32;
+    let bits = match (exp, mant) {
+        (0, 0) => sign,
+        (0, m) => {
+            // subnormal: normalise
+            let mut e = -1i32;
+            let mut m = m;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            let m = m & 0x3ff;
+            sign | (((e + 1 + 127 - 15) as u32) << 23) | (m << 13)
+        }
+        (31, 0) => sign | 0x7f80_0000,
+        (31, m) => sign | 0x7fc0_0000 | (m << 13),
+        (e, m) => sign | (((e - 15 + 127) as u32) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Max |a - b| relative to max |b|.
+pub fn relative_error<const D: usize>(actual: Tensor<D>, expected: Tensor<D>) -> f64 {
+    assert_eq!(actual.dims(), expected.dims(), "shape mismatch");
+    let a: Vec<f32> = actual.into_data().iter::<f32>().collect();
+    let b: Vec<f32> = expected.into_data().iter::<f32>().collect();
+    let mut max_err = 0f64;
+    let mut scale = 0f64;
+    for (x, y) in a.iter().zip(&b) {
+        if !x.is_finite() {
+            return f64::INFINITY;
+        }
+        max_err = max_err.max((*x as f64 - *y as f64).abs());
+        scale = scale.max((*y as f64).abs());
+    }
+    max_err / scale.max(1e-12)
+}
+
+/// The parity bar: max abs error ≤ `tol` × max |expected|.
+pub const TOL: f64 = 1e-4;
+
+/// Asserts parity within [`TOL`], printing the error either way.
+#[track_caller]
+pub fn assert_close<const D: usize>(what: &str, actual: Tensor<D>, expected: Tensor<D>) {
+    assert_close_tol(what, actual, expected, TOL)
+}
+
+/// Asserts parity within `tol`.
+#[track_caller]
+pub fn assert_close_tol<const D: usize>(what: &str, actual: Tensor<D>, expected: Tensor<D>, tol: f64) {
+    let err = relative_error(actual, expected);
+    eprintln!("{what}: max abs err / max |ref| = {err:.3e}");
+    assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.0e}");
+}

@@ -1,0 +1,5 @@
+//! Numerical parity with the reference implementation, module by module. Fixtures come from
+//! `xtask/fixtures/*.py` (run `cargo xtask fixtures`), which build the CompVis modules in PyTorch.
+
+mod autoencoder;
+mod loading;
