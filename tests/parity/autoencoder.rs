@@ -209,3 +209,22 @@ fn vq_round_trip_and_interface() {
     let code = model.decode_code(fx.int::<3>("out.indices", &device));
     assert_close("decode_code", code, fx.float("out.decode_code", &device));
 }
+
+/// The other perturbation the issue names: symmetric padding in the first-stage Downsample (the
+/// UNet's convention) instead of the reference's right/bottom padding must be caught.
+#[test]
+fn symmetric_downsample_padding_is_caught() {
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+    let device = device();
+    let fx = Fixture::open("ae_blocks.safetensors");
+    let sd = StateDict::open(fixture_path("ae_blocks.safetensors")).unwrap();
+    let mut down = Downsample::new(32, true, &device);
+    load_into(&mut down, &sd, "downsample", "downsample.", &LoadOptions::default()).unwrap();
+    let conv = down.conv.as_ref().unwrap();
+    let x = fx.float::<4>("io.downsample.input", &device);
+    let symmetric = conv2d(x, conv.weight.val(), conv.bias.as_ref().map(|b| b.val()), ConvOptions::new([2, 2], [1, 1], [1, 1], 1));
+    let err = ldm_tests::relative_error(symmetric, fx.float::<4>("io.downsample.output", &device));
+    eprintln!("symmetric padding: relative error {err:.3e}");
+    assert!(err > 100.0 * ldm_tests::TOL, "symmetric padding went unnoticed (err {err:.3e})");
+}

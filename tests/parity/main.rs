@@ -1,5 +1,7 @@
 //! Numerical parity with the reference implementation, module by module. Fixtures come from
-//! `xtask/fixtures/*.py` (run `cargo xtask fixtures`), which build the CompVis modules in PyTorch.
+//! `xtask/fixtures/*.py` (run `cargo xtask fixtures`), which build the reference modules in PyTorch.
 
 mod autoencoder;
 mod loading;
+mod presets;
+mod unet;

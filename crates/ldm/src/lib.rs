@@ -25,7 +25,7 @@ pub mod device;
 pub mod error;
 pub mod io;
 pub mod models;
-pub(crate) mod nn;
+pub mod nn;
 
 pub use burn;
 pub use error::{Error, Result};

@@ -3,9 +3,25 @@
 use super::{LoadOptions, LoadReport, StateDict, load_into};
 use crate::Result;
 use crate::models::autoencoder::{AutoencoderKL, VQModel};
+use crate::models::unet::UNetModel;
 
 /// Key prefix of the first stage inside a full LDM/SD checkpoint.
 pub const FIRST_STAGE_PREFIX: &str = "first_stage_model.";
+/// Key prefix of the UNet inside a full LDM/SD checkpoint.
+pub const UNET_PREFIX: &str = "model.diffusion_model.";
+
+impl UNetModel {
+    /// Loads CompVis-layout weights: keys under `model.diffusion_model.` or bare (`input_blocks.*`, ...).
+    pub fn load_weights(&mut self, state_dict: &StateDict) -> Result<LoadReport> {
+        self.load_weights_with(state_dict, &LoadOptions::default())
+    }
+
+    /// [`load_weights`](Self::load_weights) with options.
+    pub fn load_weights_with(&mut self, state_dict: &StateDict, options: &LoadOptions) -> Result<LoadReport> {
+        let prefix = state_dict.detect_prefix(&[UNET_PREFIX]);
+        load_into(self, state_dict, "UNet", prefix, options)
+    }
+}
 
 impl AutoencoderKL {
     /// Loads CompVis-layout weights: keys under `first_stage_model.` (full LDM/SD checkpoints) or

@@ -231,6 +231,39 @@ pub fn load_into<M: Module>(
     Ok(report)
 }
 
+/// Every parameter of `module` as `(PyTorch state-dict key, PyTorch shape)`, without materialising
+/// lazy parameters: Linear weights are reported `[out, in]`, norm `gamma/beta` as `weight/bias`,
+/// enum levels are skipped. Used to compare a preset's key set with a checkpoint's.
+pub fn parameter_shapes<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
+    struct Shapes {
+        stack: Vec<(String, String)>,
+        out: Vec<(String, Vec<usize>)>,
+    }
+    impl burn::module::ModuleVisitor for Shapes {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.stack.push((name.to_string(), container_type.to_string()));
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+            let mut shape = param.lazy_shape().to_vec();
+            let names: Vec<&str> =
+                self.stack.iter().filter(|(_, c)| !c.starts_with("Enum:")).map(|(n, _)| n.as_str()).collect();
+            let container = self.stack.last().map(|(_, c)| c.as_str()).unwrap_or("");
+            let mut key = names.join(".");
+            if container == "Struct:Linear" && key.ends_with(".weight") && shape.len() == 2 {
+                shape.swap(0, 1);
+            }
+            key = torch_name(&key, container);
+            self.out.push((key, shape));
+        }
+    }
+    let mut v = Shapes { stack: Vec::new(), out: Vec::new() };
+    module.visit(&mut v);
+    v.out
+}
+
 /// Maps a Burn parameter path back to the PyTorch key (norm `gamma/beta` → `weight/bias`).
 fn torch_name(path: &str, container_stack: &str) -> String {
     let last_container = container_stack.rsplit('.').next().unwrap_or("");

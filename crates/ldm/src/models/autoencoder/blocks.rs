@@ -8,11 +8,12 @@ use burn::nn::conv::Conv2d;
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig};
 use burn::nn::{Dropout, DropoutConfig, GroupNorm, Identity, Linear, LinearConfig};
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::module::{attention, interpolate};
-use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 
 use super::config::AttnType;
+use crate::nn::attention::{AttentionMode, scaled_dot_product};
 use crate::nn::{conv2d, group_norm};
 
 /// Configuration of a [`ResnetBlock`].
@@ -112,6 +113,9 @@ pub struct AttnBlock {
     pub v: Conv2d,
     /// Output projection (1x1 conv).
     pub proj_out: Conv2d,
+    /// How the attention core runs (fused or sliced).
+    #[module(skip)]
+    pub attention_mode: AttentionMode,
 }
 
 impl AttnBlock {
@@ -123,6 +127,7 @@ impl AttnBlock {
             k: conv2d(channels, channels, 1, 0, device),
             v: conv2d(channels, channels, 1, 0, device),
             proj_out: conv2d(channels, channels, 1, 0, device),
+            attention_mode: AttentionMode::auto(),
         }
     }
 
@@ -135,8 +140,7 @@ impl AttnBlock {
         let q = tokens(self.q.forward(hn.clone()));
         let k = tokens(self.k.forward(hn.clone()));
         let v = tokens(self.v.forward(hn));
-        let options = AttentionModuleOptions { scale: Some((c as f64).powf(-0.5)), ..Default::default() };
-        let out = attention(q, k, v, None, None, options); // [B, 1, HW, C]
+        let out = scaled_dot_product(q, k, v, (c as f64).powf(-0.5), self.attention_mode); // [B, 1, HW, C]
         let out = out.reshape([b, h * w, c]).swap_dims(1, 2).reshape([b, c, h, w]);
         x + self.proj_out.forward(out)
     }

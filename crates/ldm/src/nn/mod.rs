@@ -1,4 +1,4 @@
-//! Small constructors shared by the models (PyTorch defaults spelled out once).
+//! Building blocks shared by the models: the attention core and PyTorch-default constructors.
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
@@ -15,3 +15,5 @@ pub(crate) fn conv2d(c_in: usize, c_out: usize, k: usize, pad: usize, device: &D
 pub(crate) fn group_norm(groups: usize, c: usize, eps: f64, device: &Device) -> GroupNorm {
     GroupNormConfig::new(groups, c).with_epsilon(eps).init(device)
 }
+
+pub mod attention;
