@@ -2,6 +2,7 @@
 //! `xtask/fixtures/*.py` (run `cargo xtask fixtures`), which build the reference modules in PyTorch.
 
 mod autoencoder;
+mod conditioning;
 mod loading;
 mod presets;
 mod unet;

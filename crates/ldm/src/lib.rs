@@ -24,6 +24,7 @@
 pub mod device;
 pub mod error;
 pub mod io;
+pub mod conditioning;
 pub mod models;
 pub mod nn;
 

@@ -3,6 +3,7 @@
 use super::{LoadOptions, LoadReport, StateDict, load_into};
 use crate::Result;
 use crate::models::autoencoder::{AutoencoderKL, VQModel};
+use crate::conditioning::{ClassEmbedder, ClipTextModel, TransformerWrapper};
 use crate::models::unet::UNetModel;
 
 /// Key prefix of the first stage inside a full LDM/SD checkpoint.
@@ -47,5 +48,50 @@ impl VQModel {
     pub fn load_weights_with(&mut self, state_dict: &StateDict, options: &LoadOptions) -> Result<LoadReport> {
         let prefix = state_dict.detect_prefix(&[FIRST_STAGE_PREFIX]);
         load_into(self, state_dict, "first stage (VQModel)", prefix, options)
+    }
+}
+
+/// Key prefix of the conditioning encoder inside a full LDM/SD checkpoint.
+pub const COND_STAGE_PREFIX: &str = "cond_stage_model.";
+
+fn drop_position_ids(mut report: LoadReport) -> LoadReport {
+    // HF CLIP checkpoints carry an `embeddings.position_ids` buffer (int or float): accepted, ignored.
+    report.unused.retain(|k| !k.ends_with("embeddings.position_ids"));
+    report
+}
+
+impl ClipTextModel {
+    /// Loads `CLIPTextModel` weights: SD v1 layout (`cond_stage_model.transformer.text_model.*`) or a
+    /// diffusers / HF `text_encoder` file (`text_model.*`).
+    pub fn load_weights(&mut self, state_dict: &StateDict) -> Result<LoadReport> {
+        self.load_weights_with(state_dict, &LoadOptions::default())
+    }
+
+    /// [`load_weights`](Self::load_weights) with options.
+    pub fn load_weights_with(&mut self, state_dict: &StateDict, options: &LoadOptions) -> Result<LoadReport> {
+        let prefix = state_dict.detect_prefix(&["cond_stage_model.transformer.text_model.", "text_model."]);
+        let prefix = prefix.strip_suffix("text_model.").unwrap_or(prefix);
+        load_into(self, state_dict, "CLIP text encoder", prefix, options).map(drop_position_ids)
+    }
+}
+
+impl TransformerWrapper {
+    /// Loads LDM `BERTEmbedder` weights (`cond_stage_model.transformer.*` or bare `token_emb.*`, ...).
+    pub fn load_weights(&mut self, state_dict: &StateDict) -> Result<LoadReport> {
+        self.load_weights_with(state_dict, &LoadOptions::default())
+    }
+
+    /// [`load_weights`](Self::load_weights) with options.
+    pub fn load_weights_with(&mut self, state_dict: &StateDict, options: &LoadOptions) -> Result<LoadReport> {
+        let prefix = state_dict.detect_prefix(&["cond_stage_model.transformer."]);
+        load_into(self, state_dict, "BERT text encoder", prefix, options)
+    }
+}
+
+impl ClassEmbedder {
+    /// Loads `cond_stage_model.embedding.weight` (or bare `embedding.weight`).
+    pub fn load_weights(&mut self, state_dict: &StateDict) -> Result<LoadReport> {
+        let prefix = state_dict.detect_prefix(&[COND_STAGE_PREFIX]);
+        load_into(self, state_dict, "class embedder", prefix, &LoadOptions::default())
     }
 }

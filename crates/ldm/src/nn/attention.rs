@@ -57,3 +57,9 @@ pub fn scaled_dot_product(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64, 
         _ => attention(q, k, v, None, None, options),
     }
 }
+
+/// Causal `softmax(q kᵀ · scale + mask) v` (position i attends to j ≤ i), for text encoders; `[B, H, L, D]`.
+pub fn scaled_dot_product_causal(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
+    let options = AttentionModuleOptions { scale: Some(scale), is_causal: true, ..Default::default() };
+    attention(q, k, v, None, None, options)
+}
