@@ -181,6 +181,11 @@ fn class_embedder() {
     assert_close("ClassEmbedder", model.try_forward(labels).unwrap(), fx.float("class_emb.out", &device));
     let bad = burn::tensor::Tensor::<1, Int>::from_ints([3, 10], &device);
     assert!(model.try_forward(bad).is_err(), "label 10 of 10 classes");
+    assert!(model.unconditional(2).is_err(), "no unconditional label declared");
+    let model = model.with_unconditional_label(Some(9));
+    let uc = model.unconditional(2).unwrap();
+    let nine = model.forward(burn::tensor::Tensor::<1, Int>::from_ints([9, 9], &device));
+    assert_eq!(relative_error(uc, nine), 0.0);
 }
 
 #[test]
@@ -209,4 +214,32 @@ fn bert_1p4b_preset_matches_reference_key_list() {
     let ours: std::collections::BTreeMap<String, String> =
         parameter_shapes(&model).into_iter().map(|(k, s)| (k, format!("{s:?}"))).collect();
     assert_eq!(ours, expected);
+}
+
+#[test]
+fn diffusers_text_encoder_folder() {
+    use safetensors::tensor::TensorView;
+    let device = device();
+    let fx = Fixture::open(FILE);
+    let sd = synthetic::state_dict(&fx, "clip_tiny", "");
+    let dir = std::env::temp_dir().join(format!("ldm-text-encoder-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), fx.meta_json("clip_tiny.config")).unwrap();
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = sd
+        .keys()
+        .map(|k| {
+            let t = sd.get(k).unwrap().clone();
+            (k.to_string(), t.shape.to_vec(), t.into_bytes().unwrap().to_vec())
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = owned
+        .iter()
+        .map(|(k, shape, data)| (k.clone(), TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let (model, report) = ldm::io::load_clip_text_encoder_dir(&dir, &device).unwrap();
+    assert!(report.unused.is_empty());
+    let out = model.forward(fx.int::<2>("clip_tiny.ids", &device));
+    assert_close("diffusers text_encoder/", out.last_hidden_state, fx.float("clip_tiny.last_hidden_state", &device));
+    assert!(ldm::io::load_clip_text_encoder_dir(dir.join("nope"), &device).is_err());
 }

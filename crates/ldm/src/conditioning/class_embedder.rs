@@ -12,12 +12,28 @@ use burn::tensor::{Device, Int, Tensor};
 pub struct ClassEmbedder {
     /// The label table.
     pub embedding: Embedding,
+    unconditional_label: Option<usize>,
 }
 
 impl ClassEmbedder {
     /// Builds the embedder.
     pub fn new(embed_dim: usize, n_classes: usize, device: &Device) -> Self {
-        Self { embedding: EmbeddingConfig::new(n_classes, embed_dim).init(device) }
+        Self { embedding: EmbeddingConfig::new(n_classes, embed_dim).init(device), unconditional_label: None }
+    }
+
+    /// Declares which label means "no class" (e.g. 1000 for `cin256-v2`'s 1001 classes).
+    pub fn with_unconditional_label(mut self, label: Option<usize>) -> Self {
+        self.unconditional_label = label;
+        self
+    }
+
+    /// The unconditional context `[B, 1, embed_dim]` for classifier-free guidance.
+    pub fn unconditional(&self, batch: usize) -> crate::Result<Tensor<3>> {
+        let label = self.unconditional_label.ok_or_else(|| {
+            crate::Error::Config("this class embedder has no unconditional label; set one with with_unconditional_label".into())
+        })?;
+        let device = self.embedding.weight.device();
+        self.try_forward(Tensor::<1, Int>::full([batch], label as i64, &device))
     }
 
     /// Number of classes (including an unconditional one, if the model has it).

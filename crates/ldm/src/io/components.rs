@@ -95,3 +95,21 @@ impl ClassEmbedder {
         load_into(self, state_dict, "class embedder", prefix, &LoadOptions::default())
     }
 }
+
+/// Loads a diffusers / Hugging Face `text_encoder/` folder: `config.json` plus `model.safetensors`
+/// (or `pytorch_model.bin`).
+pub fn load_clip_text_encoder_dir(dir: impl AsRef<std::path::Path>, device: &burn::tensor::Device) -> Result<(ClipTextModel, LoadReport)> {
+    let dir = dir.as_ref();
+    let read_err = |path: &std::path::Path, m: String| crate::Error::Read { path: path.to_path_buf(), message: m };
+    let config_path = dir.join("config.json");
+    let json = std::fs::read_to_string(&config_path).map_err(|e| read_err(&config_path, e.to_string()))?;
+    let config = crate::conditioning::ClipTextConfig::from_hf_json(&json)?;
+    let weights = ["model.safetensors", "pytorch_model.bin"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .ok_or_else(|| read_err(dir, "no model.safetensors or pytorch_model.bin in the text encoder folder".into()))?;
+    let mut model = config.init(device);
+    let report = model.load_weights(&StateDict::open(weights)?)?;
+    Ok((model, report))
+}

@@ -8,6 +8,8 @@
 
 mod components;
 
+pub use components::{COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, load_clip_text_encoder_dir};
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
