@@ -5,4 +5,5 @@ mod autoencoder;
 mod conditioning;
 mod loading;
 mod presets;
+mod schedules;
 mod unet;

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-const GENERATORS: &[&str] = &["gen_autoencoder.py", "gen_unet.py", "gen_conditioning.py"];
+const GENERATORS: &[&str] = &["gen_autoencoder.py", "gen_unet.py", "gen_conditioning.py", "gen_schedules.py"];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -20,7 +20,7 @@ fn main() -> Result<()> {
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
-                 tasks:\n  fixtures [NAME..]  regenerate tests/fixtures from the reference (NAME: autoencoder, unet, conditioning;\n                     tokenizer data: python3 xtask/fixtures/build_tokenizers.py, see its docstring)\n  \
+                 tasks:\n  fixtures [NAME..]  regenerate tests/fixtures from the reference (NAME: autoencoder, unet, conditioning, schedules;\n                     tokenizer data: python3 xtask/fixtures/build_tokenizers.py, see its docstring)\n  \
                  ci                 run .ci/run\n\n\
                  fixtures needs LDM_REFERENCE and TAMING_REFERENCE (and SD2_REFERENCE for the UNet) pointing to\n\
                  checkouts of CompVis/latent-diffusion, CompVis/taming-transformers, Stability-AI/stablediffusion."

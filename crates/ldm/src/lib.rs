@@ -27,6 +27,7 @@ pub mod io;
 pub mod conditioning;
 pub mod models;
 pub mod nn;
+pub mod schedulers;
 
 pub use burn;
 pub use error::{Error, Result};
