@@ -33,12 +33,17 @@ fn main() -> Result<()> {
         let before = peak_rss_mib().unwrap_or(f64::NAN);
         let y = attention_fallback(q, k, v, None, None, AttentionModuleOptions::default());
         let sum = y.sum().into_scalar::<f32>();
-        println!("mode naive (scores materialised): checksum {sum:.4}, peak RSS before {before:.0} MiB, after {:.0} MiB", peak_rss_mib().unwrap_or(f64::NAN));
+        println!(
+            "mode naive (scores materialised): checksum {sum:.4}, peak RSS before {before:.0} MiB, after {:.0} MiB",
+            peak_rss_mib().unwrap_or(f64::NAN)
+        );
         return Ok(());
     }
     let mode = match args.first().map(String::as_str) {
         Some("fused") | None => AttentionMode::Fused,
-        Some("sliced") => AttentionMode::Sliced(args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(512)),
+        Some("sliced") => {
+            AttentionMode::Sliced(args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(512))
+        }
         Some("auto") => AttentionMode::auto(),
         Some(other) => bail!("unknown mode `{other}` (naive, fused, sliced [N], auto)"),
     };

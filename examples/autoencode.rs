@@ -51,7 +51,9 @@ fn main() -> Result<()> {
         Some(path) => ldm_examples::load_image(path, &device)?,
         None => {
             eprintln!("no --input: using a synthetic 64x64 gradient");
-            let ramp = burn::tensor::Tensor::<1, burn::tensor::Int>::arange(0..64, &device).float() / 32.0 - 1.0;
+            let ramp = burn::tensor::Tensor::<1, burn::tensor::Int>::arange(0..64, &device).float()
+                / 32.0
+                - 1.0;
             ramp.clone().reshape([1, 1, 1, 64]).expand([1, 3, 64, 64])
         }
     };

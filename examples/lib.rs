@@ -5,10 +5,19 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 /// Reads an RGB image as `[1, 3, H, W]` in [-1, 1].
 pub fn load_image(path: &str, device: &Device) -> Result<Tensor<4>> {
-    let img = image::open(path).with_context(|| format!("cannot read image `{path}`"))?.to_rgb8();
+    let img = image::open(path)
+        .with_context(|| format!("cannot read image `{path}`"))?
+        .to_rgb8();
     let (w, h) = img.dimensions();
-    let data: Vec<f32> = img.into_raw().into_iter().map(|v| v as f32 / 127.5 - 1.0).collect();
-    let t = Tensor::<4>::from_data(TensorData::new(data, [1, h as usize, w as usize, 3]), device);
+    let data: Vec<f32> = img
+        .into_raw()
+        .into_iter()
+        .map(|v| v as f32 / 127.5 - 1.0)
+        .collect();
+    let t = Tensor::<4>::from_data(
+        TensorData::new(data, [1, h as usize, w as usize, 3]),
+        device,
+    );
     Ok(t.permute([0, 3, 1, 2]))
 }
 

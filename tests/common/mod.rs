@@ -13,7 +13,9 @@ use safetensors::{Dtype, SafeTensors};
 
 /// Path of a committed fixture.
 pub fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 /// The device the tests run on (`LDM_TEST_DEVICE`, default `cpu` = Flex).
@@ -41,21 +43,39 @@ impl Fixture {
             let shape = view.shape().to_vec();
             let data = view.data();
             let (f, i) = match view.dtype() {
-                Dtype::F32 => (data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(), vec![]),
-                Dtype::F16 => (
-                    data.chunks_exact(2).map(|b| half_to_f32(u16::from_le_bytes(b.try_into().unwrap()))).collect(),
+                Dtype::F32 => (
+                    data.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                        .collect(),
                     vec![],
                 ),
-                Dtype::I64 => (vec![], data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()),
+                Dtype::F16 => (
+                    data.chunks_exact(2)
+                        .map(|b| half_to_f32(u16::from_le_bytes(b.try_into().unwrap())))
+                        .collect(),
+                    vec![],
+                ),
+                Dtype::I64 => (
+                    vec![],
+                    data.chunks_exact(8)
+                        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                        .collect(),
+                ),
                 other => panic!("{key}: unsupported dtype {other:?}"),
             };
             tensors.insert(key, (shape, f, i));
         }
-        Self { name: name.to_string(), tensors, metadata }
+        Self {
+            name: name.to_string(),
+            tensors,
+            metadata,
+        }
     }
 
     fn entry(&self, key: &str) -> &(Vec<usize>, Vec<f32>, Vec<i64>) {
-        self.tensors.get(key).unwrap_or_else(|| panic!("{}: no tensor `{key}`", self.name))
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no tensor `{key}`", self.name))
     }
 
     pub fn shape(&self, key: &str) -> Vec<usize> {
@@ -79,7 +99,10 @@ impl Fixture {
     }
 
     pub fn meta_json(&self, key: &str) -> String {
-        self.metadata.get(key).unwrap_or_else(|| panic!("{}: no metadata `{key}`", self.name)).clone()
+        self.metadata
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no metadata `{key}`", self.name))
+            .clone()
     }
 }
 
@@ -135,7 +158,12 @@ pub fn assert_close<const D: usize>(what: &str, actual: Tensor<D>, expected: Ten
 
 /// Asserts parity within `tol`.
 #[track_caller]
-pub fn assert_close_tol<const D: usize>(what: &str, actual: Tensor<D>, expected: Tensor<D>, tol: f64) {
+pub fn assert_close_tol<const D: usize>(
+    what: &str,
+    actual: Tensor<D>,
+    expected: Tensor<D>,
+    tol: f64,
+) {
     let err = relative_error(actual, expected);
     eprintln!("{what}: max abs err / max |ref| = {err:.3e}");
     assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.0e}");

@@ -4,7 +4,9 @@
 
 use burn::module::Module;
 use burn::tensor::Int;
-use ldm::conditioning::{BertEmbedderConfig, ClassEmbedder, ClipActivation, ClipTextConfig, TextTokenizer};
+use ldm::conditioning::{
+    BertEmbedderConfig, ClassEmbedder, ClipActivation, ClipTextConfig, TextTokenizer,
+};
 use ldm::io::parameter_shapes;
 use ldm_tests::synthetic;
 use ldm_tests::{Fixture, TOL, assert_close, device, fixture_path, relative_error};
@@ -18,10 +20,17 @@ fn prompts(fx: &Fixture) -> Vec<String> {
 fn clip_tokenizers() -> Vec<(&'static str, TextTokenizer)> {
     let dir = fixture_path("tokenizers/clip");
     vec![
-        ("tokenizer.json", TextTokenizer::clip_from_file(dir.join("tokenizer.json.gz")).unwrap()),
+        (
+            "tokenizer.json",
+            TextTokenizer::clip_from_file(dir.join("tokenizer.json.gz")).unwrap(),
+        ),
         (
             "vocab.json + merges.txt",
-            TextTokenizer::clip_from_vocab_merges(dir.join("vocab.json.gz"), dir.join("merges.txt.gz")).unwrap(),
+            TextTokenizer::clip_from_vocab_merges(
+                dir.join("vocab.json.gz"),
+                dir.join("merges.txt.gz"),
+            )
+            .unwrap(),
         ),
     ]
 }
@@ -29,8 +38,14 @@ fn clip_tokenizers() -> Vec<(&'static str, TextTokenizer)> {
 fn bert_tokenizers() -> Vec<(&'static str, TextTokenizer)> {
     let dir = fixture_path("tokenizers/bert");
     vec![
-        ("tokenizer.json", TextTokenizer::bert_from_file(dir.join("tokenizer.json.gz")).unwrap()),
-        ("vocab.txt", TextTokenizer::bert_from_vocab(dir.join("vocab.txt.gz")).unwrap()),
+        (
+            "tokenizer.json",
+            TextTokenizer::bert_from_file(dir.join("tokenizer.json.gz")).unwrap(),
+        ),
+        (
+            "vocab.txt",
+            TextTokenizer::bert_from_vocab(dir.join("vocab.txt.gz")).unwrap(),
+        ),
     ]
 }
 
@@ -38,9 +53,14 @@ fn bert_tokenizers() -> Vec<(&'static str, TextTokenizer)> {
 fn clip_known_prompt() {
     let expected = [49406u32, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407];
     for (how, tok) in clip_tokenizers() {
-        let t = tok.encode("a photograph of an astronaut riding a horse").unwrap();
+        let t = tok
+            .encode("a photograph of an astronaut riding a horse")
+            .unwrap();
         assert_eq!(&t.ids[..10], &expected, "{how}");
-        assert!(t.ids[10..].iter().all(|&i| i == 49407), "{how}: padded with EOS");
+        assert!(
+            t.ids[10..].iter().all(|&i| i == 49407),
+            "{how}: padded with EOS"
+        );
         assert_eq!(t.dropped, 0);
     }
 }
@@ -53,13 +73,26 @@ fn check_ids(fx: &Fixture, key: &str, len_key: &str, tok: &TextTokenizer, how: &
     let mut mismatches = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         let t = tok.encode(p).unwrap();
-        let want: Vec<u32> = expected[i * 77..(i + 1) * 77].iter().map(|&v| v as u32).collect();
+        let want: Vec<u32> = expected[i * 77..(i + 1) * 77]
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
         if t.ids != want {
             mismatches.push(format!("{p:?}\n  ours {:?}\n  ref  {:?}", t.ids, want));
         }
-        assert_eq!(t.dropped, (lengths[i] as usize).saturating_sub(77), "{how}: dropped count for {p:?}");
+        assert_eq!(
+            t.dropped,
+            (lengths[i] as usize).saturating_sub(77),
+            "{how}: dropped count for {p:?}"
+        );
     }
-    assert!(mismatches.is_empty(), "{how}: {} of {} prompts differ:\n{}", mismatches.len(), prompts.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{how}: {} of {} prompts differ:\n{}",
+        mismatches.len(),
+        prompts.len(),
+        mismatches.join("\n")
+    );
 }
 
 #[test]
@@ -87,7 +120,9 @@ fn long_prompts_are_truncated_with_a_count_not_an_error() {
     assert_eq!(t.ids[0], 49406);
     assert_eq!(t.ids[76], 49407, "EOS kept at the end");
     assert_eq!(t.dropped, 4 * 40 + 2 - 77);
-    let batch = tok.encode_batch(&[long.as_str(), "short"], &device()).unwrap();
+    let batch = tok
+        .encode_batch(&[long.as_str(), "short"], &device())
+        .unwrap();
     assert_eq!(batch.dims(), [2, 77]);
 }
 
@@ -96,7 +131,9 @@ fn missing_or_broken_tokenizer_files_are_errors() {
     assert!(TextTokenizer::clip_from_file(fixture_path("tokenizers/clip/absent.json")).is_err());
     assert!(TextTokenizer::clip_from_file(fixture_path("ae_kl.safetensors")).is_err());
     // a BERT vocabulary is not a CLIP tokenizer
-    assert!(TextTokenizer::clip_from_file(fixture_path("tokenizers/bert/tokenizer.json.gz")).is_err());
+    assert!(
+        TextTokenizer::clip_from_file(fixture_path("tokenizers/bert/tokenizer.json.gz")).is_err()
+    );
 }
 
 fn clip_config(fx: &Fixture, case: &str) -> ClipTextConfig {
@@ -111,9 +148,19 @@ fn check_clip(case: &str) {
     let sd = synthetic::state_dict(&fx, case, "cond_stage_model.transformer.");
     let report = model.load_weights(&sd).unwrap();
     assert!(report.unused.is_empty(), "{report}");
-    let out = model.try_forward(fx.int::<2>(&format!("{case}.ids"), &device)).unwrap();
-    assert_close(&format!("{case} last_hidden_state"), out.last_hidden_state, fx.float(&format!("{case}.last_hidden_state"), &device));
-    assert_close(&format!("{case} penultimate"), out.penultimate, fx.float(&format!("{case}.penultimate"), &device));
+    let out = model
+        .try_forward(fx.int::<2>(&format!("{case}.ids"), &device))
+        .unwrap();
+    assert_close(
+        &format!("{case} last_hidden_state"),
+        out.last_hidden_state,
+        fx.float(&format!("{case}.last_hidden_state"), &device),
+    );
+    assert_close(
+        &format!("{case} penultimate"),
+        out.penultimate,
+        fx.float(&format!("{case}.penultimate"), &device),
+    );
 }
 
 #[test]
@@ -131,11 +178,21 @@ fn clip_text_model_gelu() {
 fn clip_wrong_activation_is_caught() {
     let device = device();
     let fx = Fixture::open(FILE);
-    let mut model = clip_config(&fx, "clip_tiny").with_hidden_act(ClipActivation::Gelu).init(&device);
-    model.load_weights(&synthetic::state_dict(&fx, "clip_tiny", "")).unwrap();
+    let mut model = clip_config(&fx, "clip_tiny")
+        .with_hidden_act(ClipActivation::Gelu)
+        .init(&device);
+    model
+        .load_weights(&synthetic::state_dict(&fx, "clip_tiny", ""))
+        .unwrap();
     let out = model.forward(fx.int::<2>("clip_tiny.ids", &device));
-    let err = relative_error(out.last_hidden_state, fx.float("clip_tiny.last_hidden_state", &device));
-    assert!(err > 10.0 * TOL, "gelu instead of quick_gelu went unnoticed ({err:.2e})");
+    let err = relative_error(
+        out.last_hidden_state,
+        fx.float("clip_tiny.last_hidden_state", &device),
+    );
+    assert!(
+        err > 10.0 * TOL,
+        "gelu instead of quick_gelu went unnoticed ({err:.2e})"
+    );
 }
 
 #[test]
@@ -145,8 +202,17 @@ fn clip_position_ids_buffer_is_accepted_and_ignored() {
     let fx = Fixture::open(FILE);
     let base = synthetic::state_dict(&fx, "clip_tiny", "");
     let ids: Vec<u8> = (0..77i64).flat_map(|i| i.to_le_bytes()).collect();
-    let extra = PackTensor::new("text_model.embeddings.position_ids".into(), DType::I64, vec![1, 77], None, Bytes::from_bytes_vec(ids));
-    let tensors = base.keys().map(|k| base.get(k).unwrap().clone()).chain(std::iter::once(extra));
+    let extra = PackTensor::new(
+        "text_model.embeddings.position_ids".into(),
+        DType::I64,
+        vec![1, 77],
+        None,
+        Bytes::from_bytes_vec(ids),
+    );
+    let tensors = base
+        .keys()
+        .map(|k| base.get(k).unwrap().clone())
+        .chain(std::iter::once(extra));
     let sd = ldm::io::StateDict::from_tensors(tensors, "with position_ids");
     let mut model = clip_config(&fx, "clip_tiny").init(&device);
     let report = model.load_weights(&sd).unwrap();
@@ -165,9 +231,17 @@ fn bert_embedder_transformer() {
         .with_heads(u("heads"))
         .with_dim_head(u("dim_head"))
         .init(&device);
-    let report = model.load_weights(&synthetic::state_dict(&fx, "bert_tiny", "cond_stage_model.transformer.")).unwrap();
+    let report = model
+        .load_weights(&synthetic::state_dict(
+            &fx,
+            "bert_tiny",
+            "cond_stage_model.transformer.",
+        ))
+        .unwrap();
     assert!(report.unused.is_empty(), "{report}");
-    let out = model.try_forward(fx.int::<2>("bert_tiny.ids", &device)).unwrap();
+    let out = model
+        .try_forward(fx.int::<2>("bert_tiny.ids", &device))
+        .unwrap();
     assert_close("BERTEmbedder", out, fx.float("bert_tiny.out", &device));
 }
 
@@ -176,12 +250,25 @@ fn class_embedder() {
     let device = device();
     let fx = Fixture::open(FILE);
     let mut model = ClassEmbedder::new(16, 10, &device);
-    model.load_weights(&synthetic::state_dict(&fx, "class_emb", "cond_stage_model.")).unwrap();
+    model
+        .load_weights(&synthetic::state_dict(
+            &fx,
+            "class_emb",
+            "cond_stage_model.",
+        ))
+        .unwrap();
     let labels = fx.int::<1>("class_emb.labels", &device);
-    assert_close("ClassEmbedder", model.try_forward(labels).unwrap(), fx.float("class_emb.out", &device));
+    assert_close(
+        "ClassEmbedder",
+        model.try_forward(labels).unwrap(),
+        fx.float("class_emb.out", &device),
+    );
     let bad = burn::tensor::Tensor::<1, Int>::from_ints([3, 10], &device);
     assert!(model.try_forward(bad).is_err(), "label 10 of 10 classes");
-    assert!(model.unconditional(2).is_err(), "no unconditional label declared");
+    assert!(
+        model.unconditional(2).is_err(),
+        "no unconditional label declared"
+    );
     let model = model.with_unconditional_label(Some(9));
     let uc = model.unconditional(2).unwrap();
     let nine = model.forward(burn::tensor::Tensor::<1, Int>::from_ints([9, 9], &device));
@@ -191,8 +278,16 @@ fn class_embedder() {
 #[test]
 fn text_encoder_parameter_counts() {
     let device = device();
-    assert_eq!(ClipTextConfig::vit_l_14().init(&device).num_params(), 123_060_480);
-    assert_eq!(BertEmbedderConfig::txt2img_1p4b().init(&device).num_params(), 581_994_042);
+    assert_eq!(
+        ClipTextConfig::vit_l_14().init(&device).num_params(),
+        123_060_480
+    );
+    assert_eq!(
+        BertEmbedderConfig::txt2img_1p4b()
+            .init(&device)
+            .num_params(),
+        581_994_042
+    );
 }
 
 #[test]
@@ -200,7 +295,9 @@ fn bert_1p4b_preset_matches_reference_key_list() {
     use std::io::Read;
     let mut text = String::new();
     let file = std::fs::File::open(fixture_path("keys/ldm_txt2img-1p4B.tsv.gz")).unwrap();
-    flate2::read::GzDecoder::new(file).read_to_string(&mut text).unwrap();
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut text)
+        .unwrap();
     let expected: std::collections::BTreeMap<String, String> = text
         .lines()
         .filter_map(|l| l.strip_prefix("cond_stage_model.transformer."))
@@ -211,8 +308,10 @@ fn bert_1p4b_preset_matches_reference_key_list() {
         .collect();
     assert_eq!(expected.len(), 422);
     let model = BertEmbedderConfig::txt2img_1p4b().init(&device());
-    let ours: std::collections::BTreeMap<String, String> =
-        parameter_shapes(&model).into_iter().map(|(k, s)| (k, format!("{s:?}"))).collect();
+    let ours: std::collections::BTreeMap<String, String> = parameter_shapes(&model)
+        .into_iter()
+        .map(|(k, s)| (k, format!("{s:?}")))
+        .collect();
     assert_eq!(ours, expected);
 }
 
@@ -229,17 +328,30 @@ fn diffusers_text_encoder_folder() {
         .keys()
         .map(|k| {
             let t = sd.get(k).unwrap().clone();
-            (k.to_string(), t.shape.to_vec(), t.into_bytes().unwrap().to_vec())
+            (
+                k.to_string(),
+                t.shape.to_vec(),
+                t.into_bytes().unwrap().to_vec(),
+            )
         })
         .collect();
     let views: Vec<(String, TensorView)> = owned
         .iter()
-        .map(|(k, shape, data)| (k.clone(), TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap()))
+        .map(|(k, shape, data)| {
+            (
+                k.clone(),
+                TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
     let (model, report) = ldm::io::load_clip_text_encoder_dir(&dir, &device).unwrap();
     assert!(report.unused.is_empty());
     let out = model.forward(fx.int::<2>("clip_tiny.ids", &device));
-    assert_close("diffusers text_encoder/", out.last_hidden_state, fx.float("clip_tiny.last_hidden_state", &device));
+    assert_close(
+        "diffusers text_encoder/",
+        out.last_hidden_state,
+        fx.float("clip_tiny.last_hidden_state", &device),
+    );
     assert!(ldm::io::load_clip_text_encoder_dir(dir.join("nope"), &device).is_err());
 }

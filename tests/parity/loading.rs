@@ -24,7 +24,10 @@ fn kl_config() -> AutoencoderKLConfig {
 }
 
 /// Writes a copy of the KL fixture's weights with `edit` applied to the key → view map.
-fn edited_copy(name: &str, edit: impl FnOnce(&mut HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>)) -> std::path::PathBuf {
+fn edited_copy(
+    name: &str,
+    edit: impl FnOnce(&mut HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) -> std::path::PathBuf {
     let bytes = std::fs::read(fixture_path("ae_kl.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut map: HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
@@ -36,7 +39,12 @@ fn edited_copy(name: &str, edit: impl FnOnce(&mut HashMap<String, (safetensors::
     edit(&mut map);
     let views: Vec<(String, TensorView)> = map
         .iter()
-        .map(|(k, (dt, shape, data))| (k.clone(), TensorView::new(*dt, shape.clone(), data).unwrap()))
+        .map(|(k, (dt, shape, data))| {
+            (
+                k.clone(),
+                TensorView::new(*dt, shape.clone(), data).unwrap(),
+            )
+        })
         .collect();
     let dir = std::env::temp_dir().join(format!("ldm-tests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -52,7 +60,9 @@ fn missing_key_is_an_error_naming_it() {
         assert!(m.remove(key).is_some());
     });
     let mut model = kl_config().init(&device());
-    let err = model.load_weights(&StateDict::open(&path).unwrap()).unwrap_err();
+    let err = model
+        .load_weights(&StateDict::open(&path).unwrap())
+        .unwrap_err();
     eprintln!("{err}");
     match &err {
         Error::MissingKeys { keys, .. } => assert_eq!(keys, &vec![key.to_string()]),
@@ -68,7 +78,9 @@ fn missing_groupnorm_weight_is_named_in_pytorch_terms() {
         assert!(m.remove(key).is_some());
     });
     let mut model = kl_config().init(&device());
-    let err = model.load_weights(&StateDict::open(&path).unwrap()).unwrap_err();
+    let err = model
+        .load_weights(&StateDict::open(&path).unwrap())
+        .unwrap_err();
     assert!(err.to_string().contains(key), "{err}");
 }
 
@@ -76,12 +88,20 @@ fn missing_groupnorm_weight_is_named_in_pytorch_terms() {
 fn extra_key_loads_and_is_reported() {
     let extra = "first_stage_model.decoder.some_new_layer.weight";
     let path = edited_copy("extra.safetensors", |m| {
-        m.insert(extra.into(), (safetensors::Dtype::F32, vec![2], vec![0u8; 8]));
+        m.insert(
+            extra.into(),
+            (safetensors::Dtype::F32, vec![2], vec![0u8; 8]),
+        );
         // keys of other components are not this component's business
-        m.insert("model.diffusion_model.out.2.bias".into(), (safetensors::Dtype::F32, vec![1], vec![0u8; 4]));
+        m.insert(
+            "model.diffusion_model.out.2.bias".into(),
+            (safetensors::Dtype::F32, vec![1], vec![0u8; 4]),
+        );
     });
     let mut model = kl_config().init(&device());
-    let report = model.load_weights(&StateDict::open(&path).unwrap()).unwrap();
+    let report = model
+        .load_weights(&StateDict::open(&path).unwrap())
+        .unwrap();
     eprintln!("{report}");
     assert_eq!(report.unused, vec![extra.to_string()]);
     assert!(report.to_string().contains(extra));
@@ -96,11 +116,16 @@ fn shape_mismatch_names_key_and_shapes() {
         e.1 = vec![4, 2, 1, 2]; // same element count, other shape
     });
     let mut model = kl_config().init(&device());
-    let err = model.load_weights(&StateDict::open(&path).unwrap()).unwrap_err();
+    let err = model
+        .load_weights(&StateDict::open(&path).unwrap())
+        .unwrap_err();
     let msg = err.to_string();
     eprintln!("{msg}");
     assert!(matches!(err, Error::Mismatch { .. }));
-    assert!(msg.contains(key) && msg.contains("[4, 2, 1, 2]") && msg.contains("[4, 4, 1, 1]"), "{msg}");
+    assert!(
+        msg.contains(key) && msg.contains("[4, 2, 1, 2]") && msg.contains("[4, 4, 1, 1]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -112,7 +137,9 @@ fn bare_keys_load_too() {
         }
     });
     let mut model = kl_config().init(&device());
-    let report = model.load_weights(&StateDict::open(&path).unwrap()).unwrap();
+    let report = model
+        .load_weights(&StateDict::open(&path).unwrap())
+        .unwrap();
     assert_eq!(report.prefix, "");
     assert!(report.unused.is_empty());
 }
@@ -121,7 +148,10 @@ fn bare_keys_load_too() {
 fn truncated_and_foreign_files_are_clear_errors() {
     let dir = std::env::temp_dir().join(format!("ldm-tests-trunc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for (src, name) in [("ae_kl.safetensors", "t.safetensors"), ("ae_vq.ckpt", "t.ckpt")] {
+    for (src, name) in [
+        ("ae_kl.safetensors", "t.safetensors"),
+        ("ae_vq.ckpt", "t.ckpt"),
+    ] {
         let bytes = std::fs::read(fixture_path(src)).unwrap();
         let path = dir.join(name);
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
@@ -133,8 +163,14 @@ fn truncated_and_foreign_files_are_clear_errors() {
     let junk = dir.join("junk.ckpt");
     std::fs::write(&junk, b"this is not a checkpoint").unwrap();
     assert!(matches!(StateDict::open(&junk), Err(Error::Read { .. })));
-    assert!(matches!(StateDict::open(dir.join("absent.safetensors")), Err(Error::Read { .. })));
-    assert!(matches!(StateDict::open(fixture_path("../Cargo.toml")), Err(Error::Read { .. })));
+    assert!(matches!(
+        StateDict::open(dir.join("absent.safetensors")),
+        Err(Error::Read { .. })
+    ));
+    assert!(matches!(
+        StateDict::open(fixture_path("../Cargo.toml")),
+        Err(Error::Read { .. })
+    ));
 }
 
 #[test]

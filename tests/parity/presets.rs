@@ -14,13 +14,21 @@ use ldm_tests::{device, fixture_path};
 fn reference_keys(name: &str, prefix: &str) -> BTreeMap<String, Vec<usize>> {
     let mut text = String::new();
     let file = std::fs::File::open(fixture_path(&format!("keys/{name}.tsv.gz"))).unwrap();
-    flate2::read::GzDecoder::new(file).read_to_string(&mut text).unwrap();
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut text)
+        .unwrap();
     text.lines()
         .filter_map(|l| l.strip_prefix(prefix))
         .map(|l| {
             let (k, shape) = l.split_once('\t').unwrap();
-            let dims = shape.trim_matches(['[', ']']).split(',').filter(|s| !s.trim().is_empty());
-            (k.to_string(), dims.map(|d| d.trim().parse().unwrap()).collect())
+            let dims = shape
+                .trim_matches(['[', ']'])
+                .split(',')
+                .filter(|s| !s.trim().is_empty());
+            (
+                k.to_string(),
+                dims.map(|d| d.trim().parse().unwrap()).collect(),
+            )
         })
         .collect()
 }
@@ -29,7 +37,10 @@ fn assert_same_keys<M: Module>(what: &str, module: &M, expected: BTreeMap<String
     let ours: BTreeMap<String, Vec<usize>> = parameter_shapes(module).into_iter().collect();
     let missing: Vec<_> = expected.keys().filter(|k| !ours.contains_key(*k)).collect();
     let extra: Vec<_> = ours.keys().filter(|k| !expected.contains_key(*k)).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "{what}: missing {missing:?}\nextra {extra:?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: missing {missing:?}\nextra {extra:?}"
+    );
     for (k, shape) in &expected {
         assert_eq!(&ours[k], shape, "{what}: shape of {k}");
     }
@@ -48,10 +59,16 @@ fn unet_presets_match_reference_key_lists() {
     unet("cin-ldm-vq-f8", UNetConfig::cin_ldm_vq_f8());
     unet("cin256-v2", UNetConfig::cin256_v2());
     unet("celebahq-ldm-vq-4", UNetConfig::celebahq_ldm_vq_4());
-    unet("lsun_churches-ldm-kl-8", UNetConfig::lsun_churches_ldm_kl_8());
+    unet(
+        "lsun_churches-ldm-kl-8",
+        UNetConfig::lsun_churches_ldm_kl_8(),
+    );
     unet("bsr_sr", UNetConfig::bsr_sr());
     unet("inpainting_big", UNetConfig::inpainting_big());
-    unet("layout2img-openimages256", UNetConfig::layout2img_openimages256());
+    unet(
+        "layout2img-openimages256",
+        UNetConfig::layout2img_openimages256(),
+    );
     unet("semantic_synthesis256", UNetConfig::semantic_synthesis256());
     unet("text2img256", UNetConfig::text2img256());
 }
@@ -70,7 +87,14 @@ fn first_stage_presets_match_reference_key_lists() {
         assert_same_keys(name, &model, reference_keys(name, "first_stage_model."));
     };
     vq("cin-ldm-vq-f8", VQModelConfig::vq_f8());
-    for name in ["bsr_sr", "celebahq-ldm-vq-4", "cin256-v2", "layout2img-openimages256", "semantic_synthesis256", "text2img256"] {
+    for name in [
+        "bsr_sr",
+        "celebahq-ldm-vq-4",
+        "cin256-v2",
+        "layout2img-openimages256",
+        "semantic_synthesis256",
+        "text2img256",
+    ] {
         vq(name, VQModelConfig::vq_f4());
     }
     vq("inpainting_big", VQModelConfig::vq_f4_noattn());

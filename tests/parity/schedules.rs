@@ -1,7 +1,9 @@
 //! Schedules and DDIM tables vs CompVis `make_beta_schedule` / `DDPM.register_schedule` /
 //! `make_ddim_timesteps` / `make_ddim_sampling_parameters` (max relative error 1e-6).
 
-use ldm::schedulers::{BetaSchedule, DdimDiscretization, DiffusionSchedule, ddim_tables, ddim_timesteps};
+use ldm::schedulers::{
+    BetaSchedule, DdimDiscretization, DiffusionSchedule, ddim_tables, ddim_timesteps,
+};
 use ldm_tests::{Fixture, device};
 
 const FILE: &str = "schedules.safetensors";
@@ -18,7 +20,10 @@ fn max_rel(ours: &[f64], reference: &[f32]) -> f64 {
 }
 
 fn floats(fx: &Fixture, key: &str) -> Vec<f32> {
-    fx.float::<1>(key, &device()).into_data().iter::<f32>().collect()
+    fx.float::<1>(key, &device())
+        .into_data()
+        .iter::<f32>()
+        .collect()
 }
 
 #[test]
@@ -36,12 +41,24 @@ fn beta_schedules_and_derived_tables() {
             ("alphas_cumprod", &s.alphas_cumprod),
             ("alphas_cumprod_prev", &s.alphas_cumprod_prev),
             ("sqrt_alphas_cumprod", &s.sqrt_alphas_cumprod),
-            ("sqrt_one_minus_alphas_cumprod", &s.sqrt_one_minus_alphas_cumprod),
-            ("log_one_minus_alphas_cumprod", &s.log_one_minus_alphas_cumprod),
+            (
+                "sqrt_one_minus_alphas_cumprod",
+                &s.sqrt_one_minus_alphas_cumprod,
+            ),
+            (
+                "log_one_minus_alphas_cumprod",
+                &s.log_one_minus_alphas_cumprod,
+            ),
             ("sqrt_recip_alphas_cumprod", &s.sqrt_recip_alphas_cumprod),
-            ("sqrt_recipm1_alphas_cumprod", &s.sqrt_recipm1_alphas_cumprod),
+            (
+                "sqrt_recipm1_alphas_cumprod",
+                &s.sqrt_recipm1_alphas_cumprod,
+            ),
             ("posterior_variance", &s.posterior_variance),
-            ("posterior_log_variance_clipped", &s.posterior_log_variance_clipped),
+            (
+                "posterior_log_variance_clipped",
+                &s.posterior_log_variance_clipped,
+            ),
             ("posterior_mean_coef1", &s.posterior_mean_coef1),
             ("posterior_mean_coef2", &s.posterior_mean_coef2),
         ];
@@ -63,12 +80,19 @@ fn cosine_schedule_is_not_all_zero() {
 fn ddim_timesteps_and_sigmas() {
     let fx = Fixture::open(FILE);
     let sched = DiffusionSchedule::stable_diffusion();
-    for (mname, method) in [("uniform", DdimDiscretization::Uniform), ("quad", DdimDiscretization::Quad)] {
+    for (mname, method) in [
+        ("uniform", DdimDiscretization::Uniform),
+        ("quad", DdimDiscretization::Quad),
+    ] {
         for steps in [10, 20, 30, 50] {
             let key = format!("ddim.{mname}.{steps}");
             for eta in [0, 1] {
                 let t = ddim_tables(&sched, method, steps, eta as f64).unwrap();
-                let want: Vec<usize> = fx.ints(&format!("{key}.timesteps")).into_iter().map(|v| v as usize).collect();
+                let want: Vec<usize> = fx
+                    .ints(&format!("{key}.timesteps"))
+                    .into_iter()
+                    .map(|v| v as usize)
+                    .collect();
                 assert_eq!(t.timesteps, want, "{key} timesteps (with the +1 offset)");
                 for (name, ours) in [("alphas", &t.alphas), ("alphas_prev", &t.alphas_prev)] {
                     let err = max_rel(ours, &floats(&fx, &format!("{key}.eta{eta}.{name}")));
@@ -76,7 +100,9 @@ fn ddim_timesteps_and_sigmas() {
                 }
                 let reference = floats(&fx, &format!("{key}.eta{eta}.sigmas"));
                 if eta == 0 {
-                    assert!(t.sigmas.iter().all(|s| *s == 0.0) && reference.iter().all(|s| *s == 0.0));
+                    assert!(
+                        t.sigmas.iter().all(|s| *s == 0.0) && reference.iter().all(|s| *s == 0.0)
+                    );
                 } else {
                     let err = max_rel(&t.sigmas, &reference);
                     assert!(err <= 1e-6, "{key} sigmas: {err:.2e}");

@@ -10,7 +10,12 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-const GENERATORS: &[&str] = &["gen_autoencoder.py", "gen_unet.py", "gen_conditioning.py", "gen_schedules.py"];
+const GENERATORS: &[&str] = &[
+    "gen_autoencoder.py",
+    "gen_unet.py",
+    "gen_conditioning.py",
+    "gen_schedules.py",
+];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,13 +30,20 @@ fn main() -> Result<()> {
                  fixtures needs LDM_REFERENCE and TAMING_REFERENCE (and SD2_REFERENCE for the UNet) pointing to\n\
                  checkouts of CompVis/latent-diffusion, CompVis/taming-transformers, Stability-AI/stablediffusion."
             );
-            if args.is_empty() { Ok(()) } else { bail!("unknown task `{}`", args[0]) }
+            if args.is_empty() {
+                Ok(())
+            } else {
+                bail!("unknown task `{}`", args[0])
+            }
         }
     }
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn fixtures(names: &[String]) -> Result<()> {
@@ -50,7 +62,9 @@ fn fixtures(names: &[String]) -> Result<()> {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }

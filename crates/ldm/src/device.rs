@@ -64,7 +64,10 @@ fn flex() -> Result<Device> {
     #[cfg(feature = "flex")]
     return Ok(Device::flex());
     #[allow(unreachable_code)]
-    Err(Error::BackendNotCompiled { backend: "cpu (flex)".into(), feature: "flex" })
+    Err(Error::BackendNotCompiled {
+        backend: "cpu (flex)".into(),
+        feature: "flex",
+    })
 }
 
 fn ndarray() -> Result<Device> {
@@ -72,7 +75,10 @@ fn ndarray() -> Result<Device> {
     #[allow(deprecated)]
     return Ok(Device::ndarray());
     #[allow(unreachable_code)]
-    Err(Error::BackendNotCompiled { backend: "ndarray".into(), feature: "ndarray" })
+    Err(Error::BackendNotCompiled {
+        backend: "ndarray".into(),
+        feature: "ndarray",
+    })
 }
 
 #[cfg(any(feature = "wgpu", feature = "vulkan"))]
@@ -82,7 +88,9 @@ fn device_kind(arg: Option<&str>, spec: &str) -> Result<burn::tensor::DeviceKind
         None | Some("") | Some("default") => DeviceKind::DefaultDevice,
         Some("cpu") => DeviceKind::Cpu,
         Some("integrated") => DeviceKind::IntegratedGpu(0),
-        Some(n) => DeviceKind::DiscreteGpu(n.parse().map_err(|_| Error::UnknownDevice(spec.into()))?),
+        Some(n) => {
+            DeviceKind::DiscreteGpu(n.parse().map_err(|_| Error::UnknownDevice(spec.into()))?)
+        }
     })
 }
 
@@ -91,7 +99,10 @@ fn wgpu(arg: Option<&str>, spec: &str) -> Result<Device> {
     #[cfg(feature = "wgpu")]
     return Ok(Device::wgpu(device_kind(arg, spec)?));
     #[allow(unreachable_code)]
-    Err(Error::BackendNotCompiled { backend: "wgpu".into(), feature: "wgpu" })
+    Err(Error::BackendNotCompiled {
+        backend: "wgpu".into(),
+        feature: "wgpu",
+    })
 }
 
 #[allow(unused_variables)]
@@ -99,7 +110,10 @@ fn vulkan(arg: Option<&str>, spec: &str) -> Result<Device> {
     #[cfg(feature = "vulkan")]
     return Ok(Device::vulkan(device_kind(arg, spec)?));
     #[allow(unreachable_code)]
-    Err(Error::BackendNotCompiled { backend: "vulkan".into(), feature: "vulkan" })
+    Err(Error::BackendNotCompiled {
+        backend: "vulkan".into(),
+        feature: "vulkan",
+    })
 }
 
 #[allow(unused_variables)]
@@ -107,7 +121,10 @@ fn cuda(index: usize) -> Result<Device> {
     #[cfg(feature = "cuda")]
     return Ok(Device::cuda(index));
     #[allow(unreachable_code)]
-    Err(Error::BackendNotCompiled { backend: "cuda".into(), feature: "cuda" })
+    Err(Error::BackendNotCompiled {
+        backend: "cuda".into(),
+        feature: "cuda",
+    })
 }
 
 #[cfg(test)]
@@ -117,7 +134,10 @@ mod tests {
     #[test]
     fn unknown_device_is_an_error() {
         assert!(matches!(parse_device("tpu"), Err(Error::UnknownDevice(_))));
-        assert!(matches!(parse_device("cuda:x"), Err(Error::UnknownDevice(_)) | Err(Error::BackendNotCompiled { .. })));
+        assert!(matches!(
+            parse_device("cuda:x"),
+            Err(Error::UnknownDevice(_)) | Err(Error::BackendNotCompiled { .. })
+        ));
     }
 
     #[cfg(feature = "flex")]

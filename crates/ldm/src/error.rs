@@ -17,7 +17,9 @@ pub enum Error {
         feature: &'static str,
     },
     /// A device string that names no known backend.
-    #[error("unknown device `{0}`; expected one of: cpu, flex, ndarray, wgpu[:cpu|:N], vulkan[:cpu|:N], cuda[:N]")]
+    #[error(
+        "unknown device `{0}`; expected one of: cpu, flex, ndarray, wgpu[:cpu|:N], vulkan[:cpu|:N], cuda[:N]"
+    )]
     UnknownDevice(String),
     /// A file could not be read.
     #[error("cannot read `{path}`: {message}")]
@@ -60,7 +62,12 @@ pub enum Error {
 
 fn preview(items: &[String]) -> String {
     const MAX: usize = 20;
-    let mut s = items.iter().take(MAX).cloned().collect::<Vec<_>>().join(", ");
+    let mut s = items
+        .iter()
+        .take(MAX)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     if items.len() > MAX {
         s.push_str(&format!(", ... ({} more)", items.len() - MAX));
     }

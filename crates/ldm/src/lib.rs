@@ -21,10 +21,10 @@
 //! # Ok(()) }
 //! ```
 
+pub mod conditioning;
 pub mod device;
 pub mod error;
 pub mod io;
-pub mod conditioning;
 pub mod models;
 pub mod nn;
 pub mod schedulers;

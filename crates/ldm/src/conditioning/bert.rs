@@ -50,7 +50,8 @@ impl BertEmbedderConfig {
         let ln = || LayerNormConfig::new(d).init(device);
         let mut layers = Vec::with_capacity(2 * self.n_layer);
         for _ in 0..self.n_layer {
-            let no_bias = |i: usize, o: usize| LinearConfig::new(i, o).with_bias(false).init(device);
+            let no_bias =
+                |i: usize, o: usize| LinearConfig::new(i, o).with_bias(false).init(device);
             let attn = XAttention {
                 to_q: no_bias(d, inner),
                 to_k: no_bias(d, inner),
@@ -60,11 +61,16 @@ impl BertEmbedderConfig {
                 dim_head: self.dim_head,
             };
             layers.push((ln(), XBlock::Attention(attn)));
-            layers.push((ln(), XBlock::FeedForward(FeedForward::new(d, None, 4, false, 0.0, device))));
+            layers.push((
+                ln(),
+                XBlock::FeedForward(FeedForward::new(d, None, 4, false, 0.0, device)),
+            ));
         }
         TransformerWrapper {
             token_emb: EmbeddingConfig::new(self.vocab_size, d).init(device),
-            pos_emb: AbsolutePositionalEmbedding { emb: EmbeddingConfig::new(self.max_seq_len, d).init(device) },
+            pos_emb: AbsolutePositionalEmbedding {
+                emb: EmbeddingConfig::new(self.max_seq_len, d).init(device),
+            },
             attn_layers: AttentionLayers { layers },
             norm: ln(),
             to_logits: LinearConfig::new(d, self.vocab_size).init(device),
@@ -98,7 +104,8 @@ impl XAttention {
         let k = split(self.to_k.forward(x.clone()));
         let v = split(self.to_v.forward(x));
         let out = scaled_dot_product(q, k, v, (d as f64).powf(-0.5), AttentionMode::Fused);
-        self.to_out.forward(out.swap_dims(1, 2).reshape([b, n, h * d]))
+        self.to_out
+            .forward(out.swap_dims(1, 2).reshape([b, n, h * d]))
     }
 }
 
@@ -164,12 +171,19 @@ impl TransformerWrapper {
     pub fn try_forward(&self, ids: Tensor<2, Int>) -> Result<Tensor<3>> {
         let [_, l] = ids.dims();
         if l == 0 || l > self.max_seq_len {
-            return Err(Error::Shape { what: "BERT token ids".into(), expected: format!("[B, 1..={}]", self.max_seq_len), got: ids.dims().to_vec() });
+            return Err(Error::Shape {
+                what: "BERT token ids".into(),
+                expected: format!("[B, 1..={}]", self.max_seq_len),
+                got: ids.dims().to_vec(),
+            });
         }
         let max = ids.clone().max().into_scalar::<i64>();
         let min = ids.clone().min().into_scalar::<i64>();
         if min < 0 || max as usize >= self.vocab_size {
-            return Err(Error::Config(format!("token id out of range [0, {}): saw {min}..={max}", self.vocab_size)));
+            return Err(Error::Config(format!(
+                "token id out of range [0, {}): saw {min}..={max}",
+                self.vocab_size
+            )));
         }
         Ok(self.forward(ids))
     }

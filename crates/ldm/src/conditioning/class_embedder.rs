@@ -18,7 +18,10 @@ pub struct ClassEmbedder {
 impl ClassEmbedder {
     /// Builds the embedder.
     pub fn new(embed_dim: usize, n_classes: usize, device: &Device) -> Self {
-        Self { embedding: EmbeddingConfig::new(n_classes, embed_dim).init(device), unconditional_label: None }
+        Self {
+            embedding: EmbeddingConfig::new(n_classes, embed_dim).init(device),
+            unconditional_label: None,
+        }
     }
 
     /// Declares which label means "no class" (e.g. 1000 for `cin256-v2`'s 1001 classes).
@@ -50,9 +53,14 @@ impl ClassEmbedder {
     /// [`forward`](Self::forward) with a range check of the labels.
     pub fn try_forward(&self, labels: Tensor<1, Int>) -> crate::Result<Tensor<3>> {
         let n = self.n_classes() as i64;
-        let (min, max) = (labels.clone().min().into_scalar::<i64>(), labels.clone().max().into_scalar::<i64>());
+        let (min, max) = (
+            labels.clone().min().into_scalar::<i64>(),
+            labels.clone().max().into_scalar::<i64>(),
+        );
         if min < 0 || max >= n {
-            return Err(crate::Error::Config(format!("class label out of range [0, {n}): saw {min}..={max}")));
+            return Err(crate::Error::Config(format!(
+                "class label out of range [0, {n}): saw {min}..={max}"
+            )));
         }
         Ok(self.forward(labels))
     }

@@ -61,26 +61,47 @@ impl ClipTextConfig {
     /// Reads a Hugging Face `config.json` (of a `CLIPTextModel` or a full `CLIPModel`, whose
     /// `text_config` is used); missing fields take the ViT-L/14 values.
     pub fn from_hf_json(json: &str) -> Result<Self> {
-        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| Error::Config(format!("CLIP config.json: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| Error::Config(format!("CLIP config.json: {e}")))?;
         let v = v.get("text_config").unwrap_or(&v);
         let mut c = Self::new();
         let u = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
-        if let Some(x) = u("vocab_size") { c.vocab_size = x; }
-        if let Some(x) = u("hidden_size") { c.hidden_size = x; }
-        if let Some(x) = u("intermediate_size") { c.intermediate_size = x; }
-        if let Some(x) = u("num_hidden_layers") { c.num_hidden_layers = x; }
-        if let Some(x) = u("num_attention_heads") { c.num_attention_heads = x; }
-        if let Some(x) = u("max_position_embeddings") { c.max_position_embeddings = x; }
-        if let Some(x) = v.get("layer_norm_eps").and_then(|x| x.as_f64()) { c.layer_norm_eps = x; }
+        if let Some(x) = u("vocab_size") {
+            c.vocab_size = x;
+        }
+        if let Some(x) = u("hidden_size") {
+            c.hidden_size = x;
+        }
+        if let Some(x) = u("intermediate_size") {
+            c.intermediate_size = x;
+        }
+        if let Some(x) = u("num_hidden_layers") {
+            c.num_hidden_layers = x;
+        }
+        if let Some(x) = u("num_attention_heads") {
+            c.num_attention_heads = x;
+        }
+        if let Some(x) = u("max_position_embeddings") {
+            c.max_position_embeddings = x;
+        }
+        if let Some(x) = v.get("layer_norm_eps").and_then(|x| x.as_f64()) {
+            c.layer_norm_eps = x;
+        }
         if let Some(act) = v.get("hidden_act").and_then(|x| x.as_str()) {
             c.hidden_act = match act {
                 "quick_gelu" => ClipActivation::QuickGelu,
                 "gelu" => ClipActivation::Gelu,
-                other => return Err(Error::Config(format!("unsupported CLIP hidden_act `{other}` (quick_gelu, gelu)"))),
+                other => {
+                    return Err(Error::Config(format!(
+                        "unsupported CLIP hidden_act `{other}` (quick_gelu, gelu)"
+                    )));
+                }
             };
         }
         if c.hidden_size % c.num_attention_heads != 0 {
-            return Err(Error::Config("hidden_size must be divisible by num_attention_heads".into()));
+            return Err(Error::Config(
+                "hidden_size must be divisible by num_attention_heads".into(),
+            ));
         }
         Ok(c)
     }
@@ -88,7 +109,11 @@ impl ClipTextConfig {
     /// Builds the model (lazy parameters).
     pub fn init(&self, device: &Device) -> ClipTextModel {
         let d = self.hidden_size;
-        let ln = || LayerNormConfig::new(d).with_epsilon(self.layer_norm_eps).init(device);
+        let ln = || {
+            LayerNormConfig::new(d)
+                .with_epsilon(self.layer_norm_eps)
+                .init(device)
+        };
         let lin = |i: usize, o: usize| LinearConfig::new(i, o).init(device);
         let layers = (0..self.num_hidden_layers)
             .map(|_| ClipEncoderLayer {
@@ -100,7 +125,11 @@ impl ClipTextConfig {
                     heads: self.num_attention_heads,
                 },
                 layer_norm1: ln(),
-                mlp: ClipMlp { fc1: lin(d, self.intermediate_size), fc2: lin(self.intermediate_size, d), act: self.hidden_act == ClipActivation::QuickGelu },
+                mlp: ClipMlp {
+                    fc1: lin(d, self.intermediate_size),
+                    fc2: lin(self.intermediate_size, d),
+                    act: self.hidden_act == ClipActivation::QuickGelu,
+                },
                 layer_norm2: ln(),
             })
             .collect();
@@ -108,7 +137,8 @@ impl ClipTextConfig {
             text_model: ClipTextTransformer {
                 embeddings: ClipTextEmbeddings {
                     token_embedding: EmbeddingConfig::new(self.vocab_size, d).init(device),
-                    position_embedding: EmbeddingConfig::new(self.max_position_embeddings, d).init(device),
+                    position_embedding: EmbeddingConfig::new(self.max_position_embeddings, d)
+                        .init(device),
                 },
                 encoder: ClipEncoder { layers },
                 final_layer_norm: ln(),
@@ -142,7 +172,8 @@ impl ClipAttention {
         let k = split(self.k_proj.forward(x.clone()));
         let v = split(self.v_proj.forward(x));
         let out = scaled_dot_product_causal(q, k, v, (hd as f64).powf(-0.5));
-        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, l, d]))
+        self.out_proj
+            .forward(out.swap_dims(1, 2).reshape([b, l, d]))
     }
 }
 
@@ -159,7 +190,11 @@ pub struct ClipMlp {
 impl ClipMlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let h = self.fc1.forward(x);
-        let h = if self.act { h.clone() * sigmoid(h.mul_scalar(1.702)) } else { gelu(h) };
+        let h = if self.act {
+            h.clone() * sigmoid(h.mul_scalar(1.702))
+        } else {
+            gelu(h)
+        };
         self.fc2.forward(h)
     }
 }
@@ -235,7 +270,8 @@ impl ClipTextModel {
         let tm = &self.text_model;
         let [_, l] = ids.dims();
         let positions = Tensor::<1, Int>::arange(0..l as i64, &ids.device()).reshape([1, l]);
-        let mut x = tm.embeddings.token_embedding.forward(ids) + tm.embeddings.position_embedding.forward(positions);
+        let mut x = tm.embeddings.token_embedding.forward(ids)
+            + tm.embeddings.position_embedding.forward(positions);
         let n = tm.encoder.layers.len();
         let mut penultimate = x.clone();
         for (i, layer) in tm.encoder.layers.iter().enumerate() {
@@ -244,19 +280,29 @@ impl ClipTextModel {
                 penultimate = x.clone();
             }
         }
-        ClipTextOutput { last_hidden_state: tm.final_layer_norm.forward(x), penultimate }
+        ClipTextOutput {
+            last_hidden_state: tm.final_layer_norm.forward(x),
+            penultimate,
+        }
     }
 
     /// [`forward`](Self::forward) after checking that ids are in the vocabulary and fit the positions.
     pub fn try_forward(&self, ids: Tensor<2, Int>) -> Result<ClipTextOutput> {
         let [_, l] = ids.dims();
         if l == 0 || l > self.max_positions {
-            return Err(Error::Shape { what: "CLIP token ids".into(), expected: format!("[B, 1..={}]", self.max_positions), got: ids.dims().to_vec() });
+            return Err(Error::Shape {
+                what: "CLIP token ids".into(),
+                expected: format!("[B, 1..={}]", self.max_positions),
+                got: ids.dims().to_vec(),
+            });
         }
         let max = ids.clone().max().into_scalar::<i64>();
         let min = ids.clone().min().into_scalar::<i64>();
         if min < 0 || max as usize >= self.vocab_size {
-            return Err(Error::Config(format!("token id out of range [0, {}): saw {min}..={max}", self.vocab_size)));
+            return Err(Error::Config(format!(
+                "token id out of range [0, {}): saw {min}..={max}",
+                self.vocab_size
+            )));
         }
         Ok(self.forward(ids))
     }

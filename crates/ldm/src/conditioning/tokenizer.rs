@@ -46,11 +46,16 @@ pub struct TextTokenizer {
 }
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let err = |m: String| Error::Read { path: path.to_path_buf(), message: m };
+    let err = |m: String| Error::Read {
+        path: path.to_path_buf(),
+        message: m,
+    };
     let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
     if path.extension().is_some_and(|e| e == "gz") {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(bytes.as_slice()).read_to_end(&mut out).map_err(|e| err(format!("gzip: {e}")))?;
+        flate2::read::GzDecoder::new(bytes.as_slice())
+            .read_to_end(&mut out)
+            .map_err(|e| err(format!("gzip: {e}")))?;
         Ok(out)
     } else {
         Ok(bytes)
@@ -67,14 +72,24 @@ impl TextTokenizer {
             path: source.to_path_buf(),
             message: format!("not a {kind:?} tokenizer: no `{pad_token}` token"),
         })?;
-        inner.with_truncation(None).map_err(|e| Error::Config(e.to_string()))?;
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Config(e.to_string()))?;
         inner.with_padding(None);
-        Ok(Self { inner, kind, max_length: MAX_LENGTH, pad_id })
+        Ok(Self {
+            inner,
+            kind,
+            max_length: MAX_LENGTH,
+            pad_id,
+        })
     }
 
     fn from_json(path: &Path, kind: TokenizerKind) -> Result<Self> {
         let bytes = read_maybe_gz(path)?;
-        let inner = Tokenizer::from_bytes(&bytes).map_err(|e| Error::Read { path: path.to_path_buf(), message: format!("tokenizer.json: {e}") })?;
+        let inner = Tokenizer::from_bytes(&bytes).map_err(|e| Error::Read {
+            path: path.to_path_buf(),
+            message: format!("tokenizer.json: {e}"),
+        })?;
         Self::new(inner, kind, path)
     }
 
@@ -90,38 +105,60 @@ impl TextTokenizer {
 
     /// CLIP tokenizer from the `vocab.json` + `merges.txt` pair (optionally `.gz`), assembled with
     /// the same pipeline Hugging Face's converter writes into `tokenizer.json`.
-    pub fn clip_from_vocab_merges(vocab: impl AsRef<Path>, merges: impl AsRef<Path>) -> Result<Self> {
+    pub fn clip_from_vocab_merges(
+        vocab: impl AsRef<Path>,
+        merges: impl AsRef<Path>,
+    ) -> Result<Self> {
         let (vocab, merges) = (vocab.as_ref(), merges.as_ref());
         let vocab_json: serde_json::Value = serde_json::from_slice(&read_maybe_gz(vocab)?)
-            .map_err(|e| Error::Read { path: vocab.to_path_buf(), message: format!("vocab.json: {e}") })?;
-        let merges_text = String::from_utf8(read_maybe_gz(merges)?)
-            .map_err(|e| Error::Read { path: merges.to_path_buf(), message: e.to_string() })?;
+            .map_err(|e| Error::Read {
+                path: vocab.to_path_buf(),
+                message: format!("vocab.json: {e}"),
+            })?;
+        let merges_text = String::from_utf8(read_maybe_gz(merges)?).map_err(|e| Error::Read {
+            path: merges.to_path_buf(),
+            message: e.to_string(),
+        })?;
         let merges_list: Vec<serde_json::Value> = merges_text
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
             .map(|l| serde_json::Value::String(l.to_string()))
             .collect();
-        let mut json: serde_json::Value = serde_json::from_str(CLIP_PIPELINE).expect("valid template");
+        let mut json: serde_json::Value =
+            serde_json::from_str(CLIP_PIPELINE).expect("valid template");
         json["model"]["vocab"] = vocab_json;
         json["model"]["merges"] = serde_json::Value::Array(merges_list);
-        let inner = Tokenizer::from_bytes(json.to_string().as_bytes())
-            .map_err(|e| Error::Read { path: vocab.to_path_buf(), message: format!("building the CLIP tokenizer: {e}") })?;
+        let inner =
+            Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| Error::Read {
+                path: vocab.to_path_buf(),
+                message: format!("building the CLIP tokenizer: {e}"),
+            })?;
         Self::new(inner, TokenizerKind::Clip, vocab)
     }
 
     /// BERT tokenizer from a WordPiece `vocab.txt` (optionally `.gz`), lower-casing as bert-base-uncased.
     pub fn bert_from_vocab(vocab: impl AsRef<Path>) -> Result<Self> {
         let path = vocab.as_ref();
-        let text = String::from_utf8(read_maybe_gz(path)?).map_err(|e| Error::Read { path: path.to_path_buf(), message: e.to_string() })?;
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            text.lines().enumerate().map(|(i, t)| (t.to_string(), serde_json::Value::from(i))).collect();
-        let mut json: serde_json::Value = serde_json::from_str(BERT_PIPELINE).expect("valid template");
+        let text = String::from_utf8(read_maybe_gz(path)?).map_err(|e| Error::Read {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let vocab: serde_json::Map<String, serde_json::Value> = text
+            .lines()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), serde_json::Value::from(i)))
+            .collect();
+        let mut json: serde_json::Value =
+            serde_json::from_str(BERT_PIPELINE).expect("valid template");
         let id = |t: &str| vocab.get(t).cloned().unwrap_or(serde_json::Value::from(0));
         json["post_processor"]["sep"] = serde_json::json!(["[SEP]", id("[SEP]")]);
         json["post_processor"]["cls"] = serde_json::json!(["[CLS]", id("[CLS]")]);
         json["model"]["vocab"] = serde_json::Value::Object(vocab);
-        let inner = Tokenizer::from_bytes(json.to_string().as_bytes())
-            .map_err(|e| Error::Read { path: path.to_path_buf(), message: format!("building the BERT tokenizer: {e}") })?;
+        let inner =
+            Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| Error::Read {
+                path: path.to_path_buf(),
+                message: format!("building the BERT tokenizer: {e}"),
+            })?;
         Self::new(inner, TokenizerKind::Bert, path)
     }
 
@@ -146,7 +183,10 @@ impl TextTokenizer {
             }
             TokenizerKind::Bert => prompt,
         };
-        let enc = self.inner.encode(prompt, true).map_err(|e| Error::Config(format!("tokenizing {prompt:?}: {e}")))?;
+        let enc = self
+            .inner
+            .encode(prompt, true)
+            .map_err(|e| Error::Config(format!("tokenizing {prompt:?}: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         let mut dropped = 0;
         if ids.len() > self.max_length {
@@ -165,12 +205,19 @@ impl TextTokenizer {
     }
 
     /// Tokenises a batch into `[B, 77]` ids on `device`.
-    pub fn encode_batch(&self, prompts: &[impl AsRef<str>], device: &Device) -> Result<Tensor<2, Int>> {
+    pub fn encode_batch(
+        &self,
+        prompts: &[impl AsRef<str>],
+        device: &Device,
+    ) -> Result<Tensor<2, Int>> {
         let mut all = Vec::with_capacity(prompts.len() * self.max_length);
         for p in prompts {
             all.extend(self.encode(p.as_ref())?.ids.into_iter().map(|i| i as i64));
         }
-        Ok(Tensor::from_data(TensorData::new(all, [prompts.len(), self.max_length]), device))
+        Ok(Tensor::from_data(
+            TensorData::new(all, [prompts.len(), self.max_length]),
+            device,
+        ))
     }
 }
 
@@ -179,7 +226,11 @@ impl TextTokenizer {
 /// ASCII, curly quotes, Latin ligatures. NFC, whitespace and lower-casing follow in the tokenizer.
 pub fn fix_text(text: &str) -> String {
     let text = fix_mojibake(text).unwrap_or_else(|| text.to_string());
-    let text = if text.contains('<') { text } else { unescape_html(&text) };
+    let text = if text.contains('<') {
+        text
+    } else {
+        unescape_html(&text)
+    };
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -228,8 +279,9 @@ fn ligature(c: char) -> Option<&'static str> {
 /// yields valid UTF-8 that differs from the input.
 fn fix_mojibake(text: &str) -> Option<String> {
     const CP1252: [char; 32] = [
-        '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8D}', 'Ž', '\u{8F}', '\u{90}', '‘', '’', '“', '”', '•',
-        '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9D}', 'ž', 'Ÿ',
+        '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8D}', 'Ž',
+        '\u{8F}', '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9D}',
+        'ž', 'Ÿ',
     ];
     if text.is_ascii() {
         return None;
@@ -337,12 +389,23 @@ mod tests {
 
     #[test]
     fn ftfy_style_cleaning() {
-        assert_eq!(fix_text("salt &amp; pepper &#39;y&#39;"), "salt & pepper 'y'");
-        assert_eq!(fix_text("<b>&amp;</b>"), "<b>&amp;</b>", "looks like HTML: left alone, as ftfy");
+        assert_eq!(
+            fix_text("salt &amp; pepper &#39;y&#39;"),
+            "salt & pepper 'y'"
+        );
+        assert_eq!(
+            fix_text("<b>&amp;</b>"),
+            "<b>&amp;</b>",
+            "looks like HTML: left alone, as ftfy"
+        );
         assert_eq!(fix_text("ＡＢＣ１２３"), "ABC123");
         assert_eq!(fix_text("“curly” don’t"), "\"curly\" don't");
         assert_eq!(fix_text("ﬁne ﬂower"), "fine flower");
         assert_eq!(fix_text("cafÃ© crÃ¨me"), "café crème");
-        assert_eq!(fix_text("café naïve Zürich"), "café naïve Zürich", "valid text is untouched");
+        assert_eq!(
+            fix_text("café naïve Zürich"),
+            "café naïve Zürich",
+            "valid text is untouched"
+        );
     }
 }

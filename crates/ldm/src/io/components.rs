@@ -2,8 +2,8 @@
 
 use super::{LoadOptions, LoadReport, StateDict, load_into};
 use crate::Result;
-use crate::models::autoencoder::{AutoencoderKL, VQModel};
 use crate::conditioning::{ClassEmbedder, ClipTextModel, TransformerWrapper};
+use crate::models::autoencoder::{AutoencoderKL, VQModel};
 use crate::models::unet::UNetModel;
 
 /// Key prefix of the first stage inside a full LDM/SD checkpoint.
@@ -18,7 +18,11 @@ impl UNetModel {
     }
 
     /// [`load_weights`](Self::load_weights) with options.
-    pub fn load_weights_with(&mut self, state_dict: &StateDict, options: &LoadOptions) -> Result<LoadReport> {
+    pub fn load_weights_with(
+        &mut self,
+        state_dict: &StateDict,
+        options: &LoadOptions,
+    ) -> Result<LoadReport> {
         let prefix = state_dict.detect_prefix(&[UNET_PREFIX]);
         load_into(self, state_dict, "UNet", prefix, options)
     }
@@ -32,9 +36,19 @@ impl AutoencoderKL {
     }
 
     /// [`load_weights`](Self::load_weights) with options.
-    pub fn load_weights_with(&mut self, state_dict: &StateDict, options: &LoadOptions) -> Result<LoadReport> {
+    pub fn load_weights_with(
+        &mut self,
+        state_dict: &StateDict,
+        options: &LoadOptions,
+    ) -> Result<LoadReport> {
         let prefix = state_dict.detect_prefix(&[FIRST_STAGE_PREFIX]);
-        load_into(self, state_dict, "first stage (AutoencoderKL)", prefix, options)
+        load_into(
+            self,
+            state_dict,
+            "first stage (AutoencoderKL)",
+            prefix,
+            options,
+        )
     }
 }
 
@@ -45,7 +59,11 @@ impl VQModel {
     }
 
     /// [`load_weights`](Self::load_weights) with options.
-    pub fn load_weights_with(&mut self, state_dict: &StateDict, options: &LoadOptions) -> Result<LoadReport> {
+    pub fn load_weights_with(
+        &mut self,
+        state_dict: &StateDict,
+        options: &LoadOptions,
+    ) -> Result<LoadReport> {
         let prefix = state_dict.detect_prefix(&[FIRST_STAGE_PREFIX]);
         load_into(self, state_dict, "first stage (VQModel)", prefix, options)
     }
@@ -56,7 +74,9 @@ pub const COND_STAGE_PREFIX: &str = "cond_stage_model.";
 
 fn drop_position_ids(mut report: LoadReport) -> LoadReport {
     // HF CLIP checkpoints carry an `embeddings.position_ids` buffer (int or float): accepted, ignored.
-    report.unused.retain(|k| !k.ends_with("embeddings.position_ids"));
+    report
+        .unused
+        .retain(|k| !k.ends_with("embeddings.position_ids"));
     report
 }
 
@@ -68,8 +88,13 @@ impl ClipTextModel {
     }
 
     /// [`load_weights`](Self::load_weights) with options.
-    pub fn load_weights_with(&mut self, state_dict: &StateDict, options: &LoadOptions) -> Result<LoadReport> {
-        let prefix = state_dict.detect_prefix(&["cond_stage_model.transformer.text_model.", "text_model."]);
+    pub fn load_weights_with(
+        &mut self,
+        state_dict: &StateDict,
+        options: &LoadOptions,
+    ) -> Result<LoadReport> {
+        let prefix =
+            state_dict.detect_prefix(&["cond_stage_model.transformer.text_model.", "text_model."]);
         let prefix = prefix.strip_suffix("text_model.").unwrap_or(prefix);
         load_into(self, state_dict, "CLIP text encoder", prefix, options).map(drop_position_ids)
     }
@@ -82,7 +107,11 @@ impl TransformerWrapper {
     }
 
     /// [`load_weights`](Self::load_weights) with options.
-    pub fn load_weights_with(&mut self, state_dict: &StateDict, options: &LoadOptions) -> Result<LoadReport> {
+    pub fn load_weights_with(
+        &mut self,
+        state_dict: &StateDict,
+        options: &LoadOptions,
+    ) -> Result<LoadReport> {
         let prefix = state_dict.detect_prefix(&["cond_stage_model.transformer."]);
         load_into(self, state_dict, "BERT text encoder", prefix, options)
     }
@@ -92,23 +121,41 @@ impl ClassEmbedder {
     /// Loads `cond_stage_model.embedding.weight` (or bare `embedding.weight`).
     pub fn load_weights(&mut self, state_dict: &StateDict) -> Result<LoadReport> {
         let prefix = state_dict.detect_prefix(&[COND_STAGE_PREFIX]);
-        load_into(self, state_dict, "class embedder", prefix, &LoadOptions::default())
+        load_into(
+            self,
+            state_dict,
+            "class embedder",
+            prefix,
+            &LoadOptions::default(),
+        )
     }
 }
 
 /// Loads a diffusers / Hugging Face `text_encoder/` folder: `config.json` plus `model.safetensors`
 /// (or `pytorch_model.bin`).
-pub fn load_clip_text_encoder_dir(dir: impl AsRef<std::path::Path>, device: &burn::tensor::Device) -> Result<(ClipTextModel, LoadReport)> {
+pub fn load_clip_text_encoder_dir(
+    dir: impl AsRef<std::path::Path>,
+    device: &burn::tensor::Device,
+) -> Result<(ClipTextModel, LoadReport)> {
     let dir = dir.as_ref();
-    let read_err = |path: &std::path::Path, m: String| crate::Error::Read { path: path.to_path_buf(), message: m };
+    let read_err = |path: &std::path::Path, m: String| crate::Error::Read {
+        path: path.to_path_buf(),
+        message: m,
+    };
     let config_path = dir.join("config.json");
-    let json = std::fs::read_to_string(&config_path).map_err(|e| read_err(&config_path, e.to_string()))?;
+    let json =
+        std::fs::read_to_string(&config_path).map_err(|e| read_err(&config_path, e.to_string()))?;
     let config = crate::conditioning::ClipTextConfig::from_hf_json(&json)?;
     let weights = ["model.safetensors", "pytorch_model.bin"]
         .iter()
         .map(|f| dir.join(f))
         .find(|p| p.is_file())
-        .ok_or_else(|| read_err(dir, "no model.safetensors or pytorch_model.bin in the text encoder folder".into()))?;
+        .ok_or_else(|| {
+            read_err(
+                dir,
+                "no model.safetensors or pytorch_model.bin in the text encoder folder".into(),
+            )
+        })?;
     let mut model = config.init(device);
     let report = model.load_weights(&StateDict::open(weights)?)?;
     Ok((model, report))

@@ -8,7 +8,9 @@
 
 mod components;
 
-pub use components::{COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, load_clip_text_encoder_dir};
+pub use components::{
+    COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, load_clip_text_encoder_dir,
+};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::store::{
-    ApplyError, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, PytorchStore,
-    SafetensorsStore,
+    ApplyError, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
+    PytorchStore, SafetensorsStore,
 };
 use burn::tensor::DType;
 
@@ -35,7 +37,10 @@ pub struct StateDict {
 
 impl fmt::Debug for StateDict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StateDict").field("source", &self.source).field("tensors", &self.tensors.len()).finish()
+        f.debug_struct("StateDict")
+            .field("source", &self.source)
+            .field("tensors", &self.tensors.len())
+            .finish()
     }
 }
 
@@ -44,15 +49,25 @@ impl StateDict {
     /// Lightning checkpoint's `state_dict` entry is used when present, else the top-level dict.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let read_err = |message: String| Error::Read { path: path.to_path_buf(), message };
+        let read_err = |message: String| Error::Read {
+            path: path.to_path_buf(),
+            message,
+        };
         if !path.is_file() {
             return Err(read_err("no such file".into()));
         }
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         let tensors = match ext.as_str() {
             "safetensors" => {
                 let mut store = SafetensorsStore::from_file(path);
-                store.get_all_tensors().map_err(|e| read_err(e.to_string()))?.clone()
+                store
+                    .get_all_tensors()
+                    .map_err(|e| read_err(e.to_string()))?
+                    .clone()
             }
             "ckpt" | "pt" | "pth" | "bin" => {
                 let pickle = |top: Option<&str>| -> std::result::Result<BTreeMap<String, PackTensor>, String> {
@@ -79,12 +94,21 @@ impl StateDict {
             return Err(read_err("the file holds no tensors".into()));
         }
         tracing::debug!(path = %path.display(), tensors = tensors.len(), "opened checkpoint");
-        Ok(Self { tensors, source: path.to_path_buf() })
+        Ok(Self {
+            tensors,
+            source: path.to_path_buf(),
+        })
     }
 
     /// Builds a state dict from tensors already in memory (e.g. for tests or converters).
-    pub fn from_tensors(tensors: impl IntoIterator<Item = PackTensor>, source: impl Into<PathBuf>) -> Self {
-        Self { tensors: tensors.into_iter().map(|t| (t.name.clone(), t)).collect(), source: source.into() }
+    pub fn from_tensors(
+        tensors: impl IntoIterator<Item = PackTensor>,
+        source: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            tensors: tensors.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            source: source.into(),
+        }
     }
 
     /// The file this came from.
@@ -119,12 +143,19 @@ impl StateDict {
 
     /// True when some key starts with `prefix`.
     pub fn has_prefix(&self, prefix: &str) -> bool {
-        self.tensors.range(prefix.to_string()..).next().is_some_and(|(k, _)| k.starts_with(prefix))
+        self.tensors
+            .range(prefix.to_string()..)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(prefix))
     }
 
     /// The first of `candidates` that prefixes some key, or `""` (bare keys).
     pub fn detect_prefix<'a>(&self, candidates: &[&'a str]) -> &'a str {
-        candidates.iter().copied().find(|p| self.has_prefix(p)).unwrap_or("")
+        candidates
+            .iter()
+            .copied()
+            .find(|p| self.has_prefix(p))
+            .unwrap_or("")
     }
 
     /// The tensors under `prefix`, renamed without it.
@@ -164,10 +195,20 @@ impl fmt::Display for LoadReport {
             write!(f, " from `{}*`", self.prefix)?;
         }
         if !self.unused.is_empty() {
-            write!(f, "; {} unused key(s): {}", self.unused.len(), self.unused.join(", "))?;
+            write!(
+                f,
+                "; {} unused key(s): {}",
+                self.unused.len(),
+                self.unused.join(", ")
+            )?;
         }
         if !self.missing.is_empty() {
-            write!(f, "; {} MISSING key(s) left at random init: {}", self.missing.len(), self.missing.join(", "))?;
+            write!(
+                f,
+                "; {} MISSING key(s) left at random init: {}",
+                self.missing.len(),
+                self.missing.join(", ")
+            )?;
         }
         Ok(())
     }
@@ -199,7 +240,11 @@ pub fn load_into<M: Module>(
             .errors
             .iter()
             .map(|e| match e {
-                ApplyError::ShapeMismatch { path, expected, found } => format!(
+                ApplyError::ShapeMismatch {
+                    path,
+                    expected,
+                    found,
+                } => format!(
                     "`{prefix}{path}`: checkpoint has {:?}, model expects {:?}",
                     found.as_slice(),
                     expected.as_slice()
@@ -207,15 +252,28 @@ pub fn load_into<M: Module>(
                 other => format!("{prefix}{other}"),
             })
             .collect();
-        return Err(Error::Mismatch { component: component.to_string(), mismatches });
+        return Err(Error::Mismatch {
+            component: component.to_string(),
+            mismatches,
+        });
     }
 
-    let missing: Vec<String> =
-        result.missing.iter().map(|(path, stack)| format!("{prefix}{}", torch_name(path, stack))).collect();
+    let missing: Vec<String> = result
+        .missing
+        .iter()
+        .map(|(path, stack)| format!("{prefix}{}", torch_name(path, stack)))
+        .collect();
     if !missing.is_empty() && !options.allow_missing {
-        return Err(Error::MissingKeys { component: component.to_string(), keys: missing });
+        return Err(Error::MissingKeys {
+            component: component.to_string(),
+            keys: missing,
+        });
     }
-    let unused: Vec<String> = result.unused.iter().map(|k| format!("{prefix}{k}")).collect();
+    let unused: Vec<String> = result
+        .unused
+        .iter()
+        .map(|k| format!("{prefix}{k}"))
+        .collect();
     let report = LoadReport {
         component: component.to_string(),
         prefix: prefix.to_string(),
@@ -243,15 +301,23 @@ pub fn parameter_shapes<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
     }
     impl burn::module::ModuleVisitor for Shapes {
         fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.stack.push((name.to_string(), container_type.to_string()));
+            self.stack
+                .push((name.to_string(), container_type.to_string()));
         }
         fn exit_module(&mut self, _name: &str, _container_type: &str) {
             self.stack.pop();
         }
-        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+        fn visit_float<const D: usize>(
+            &mut self,
+            param: &burn::module::Param<burn::tensor::Tensor<D>>,
+        ) {
             let mut shape = param.lazy_shape().to_vec();
-            let names: Vec<&str> =
-                self.stack.iter().filter(|(_, c)| !c.starts_with("Enum:")).map(|(n, _)| n.as_str()).collect();
+            let names: Vec<&str> = self
+                .stack
+                .iter()
+                .filter(|(_, c)| !c.starts_with("Enum:"))
+                .map(|(n, _)| n.as_str())
+                .collect();
             let container = self.stack.last().map(|(_, c)| c.as_str()).unwrap_or("");
             let mut key = names.join(".");
             if container == "Struct:Linear" && key.ends_with(".weight") && shape.len() == 2 {
@@ -261,7 +327,10 @@ pub fn parameter_shapes<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
             self.out.push((key, shape));
         }
     }
-    let mut v = Shapes { stack: Vec::new(), out: Vec::new() };
+    let mut v = Shapes {
+        stack: Vec::new(),
+        out: Vec::new(),
+    };
     module.visit(&mut v);
     v.out
 }
@@ -269,7 +338,9 @@ pub fn parameter_shapes<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
 /// Maps a Burn parameter path back to the PyTorch key (norm `gamma/beta` → `weight/bias`).
 fn torch_name(path: &str, container_stack: &str) -> String {
     let last_container = container_stack.rsplit('.').next().unwrap_or("");
-    let is_norm = ["GroupNorm", "LayerNorm", "BatchNorm", "RmsNorm"].iter().any(|n| last_container.ends_with(n));
+    let is_norm = ["GroupNorm", "LayerNorm", "BatchNorm", "RmsNorm"]
+        .iter()
+        .any(|n| last_container.ends_with(n));
     if is_norm {
         if let Some(stem) = path.strip_suffix(".gamma") {
             return format!("{stem}.weight");

@@ -4,7 +4,9 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::nn::{Dropout, DropoutConfig, Gelu, GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{
+    Dropout, DropoutConfig, Gelu, GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
@@ -32,7 +34,14 @@ pub struct CrossAttention {
 
 impl CrossAttention {
     /// `CrossAttention(query_dim, context_dim, heads, dim_head, dropout)`.
-    pub fn new(query_dim: usize, context_dim: Option<usize>, heads: usize, dim_head: usize, dropout: f64, device: &Device) -> Self {
+    pub fn new(
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        dim_head: usize,
+        dropout: f64,
+        device: &Device,
+    ) -> Self {
         let inner = heads * dim_head;
         let context_dim = context_dim.unwrap_or(query_dim);
         let proj = |i: usize| LinearConfig::new(i, inner).with_bias(false).init(device);
@@ -40,7 +49,10 @@ impl CrossAttention {
             to_q: proj(query_dim),
             to_k: proj(context_dim),
             to_v: proj(context_dim),
-            to_out: (LinearConfig::new(inner, query_dim).init(device), DropoutConfig::new(dropout).init()),
+            to_out: (
+                LinearConfig::new(inner, query_dim).init(device),
+                DropoutConfig::new(dropout).init(),
+            ),
             heads,
             dim_head,
             attention_mode: AttentionMode::auto(),
@@ -75,7 +87,9 @@ pub struct Geglu {
 impl Geglu {
     /// `GEGLU(dim_in, dim_out)`.
     pub fn new(dim_in: usize, dim_out: usize, device: &Device) -> Self {
-        Self { proj: LinearConfig::new(dim_in, 2 * dim_out).init(device) }
+        Self {
+            proj: LinearConfig::new(dim_in, 2 * dim_out).init(device),
+        }
     }
 
     /// `[.., dim_in]` → `[.., dim_out]`.
@@ -104,7 +118,14 @@ pub struct FeedForward {
 
 impl FeedForward {
     /// Builds the layer with inner width `mult · dim`.
-    pub fn new(dim: usize, dim_out: Option<usize>, mult: usize, glu: bool, dropout: f64, device: &Device) -> Self {
+    pub fn new(
+        dim: usize,
+        dim_out: Option<usize>,
+        mult: usize,
+        glu: bool,
+        dropout: f64,
+        device: &Device,
+    ) -> Self {
         let inner = dim * mult;
         let project_in = if glu {
             ProjectIn::Geglu(Geglu::new(dim, inner, device))
@@ -112,7 +133,11 @@ impl FeedForward {
             ProjectIn::Gelu((LinearConfig::new(dim, inner).init(device), Gelu::new()))
         };
         Self {
-            net: (project_in, DropoutConfig::new(dropout).init(), LinearConfig::new(inner, dim_out.unwrap_or(dim)).init(device)),
+            net: (
+                project_in,
+                DropoutConfig::new(dropout).init(),
+                LinearConfig::new(inner, dim_out.unwrap_or(dim)).init(device),
+            ),
         }
     }
 
@@ -145,7 +170,14 @@ pub struct BasicTransformerBlock {
 
 impl BasicTransformerBlock {
     /// `BasicTransformerBlock(dim, n_heads, d_head, dropout, context_dim, gated_ff=True)`.
-    pub fn new(dim: usize, n_heads: usize, d_head: usize, dropout: f64, context_dim: Option<usize>, device: &Device) -> Self {
+    pub fn new(
+        dim: usize,
+        n_heads: usize,
+        d_head: usize,
+        dropout: f64,
+        context_dim: Option<usize>,
+        device: &Device,
+    ) -> Self {
         let norm = || LayerNormConfig::new(dim).init(device);
         Self {
             attn1: CrossAttention::new(dim, None, n_heads, d_head, dropout, device),
@@ -225,7 +257,16 @@ impl SpatialTransformerConfig {
             norm: group_norm(32, c, 1e-6, device),
             proj_in: proj(c, inner),
             transformer_blocks: (0..self.depth)
-                .map(|_| BasicTransformerBlock::new(inner, self.n_heads, self.d_head, self.dropout, self.context_dim, device))
+                .map(|_| {
+                    BasicTransformerBlock::new(
+                        inner,
+                        self.n_heads,
+                        self.d_head,
+                        self.dropout,
+                        self.context_dim,
+                        device,
+                    )
+                })
                 .collect(),
             proj_out: proj(inner, c),
         }

@@ -30,10 +30,19 @@ impl AttentionMode {
 }
 
 /// `softmax(q kᵀ · scale) v`: `q` `[B, H, Lq, D]`, `k` `[B, H, Lk, D]`, `v` `[B, H, Lk, Dv]` → `[B, H, Lq, Dv]`.
-pub fn scaled_dot_product(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64, mode: AttentionMode) -> Tensor<4> {
+pub fn scaled_dot_product(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f64,
+    mode: AttentionMode,
+) -> Tensor<4> {
     let [b, h, lq, _] = q.dims();
     let lk = k.dims()[2];
-    let options = AttentionModuleOptions { scale: Some(scale), ..Default::default() };
+    let options = AttentionModuleOptions {
+        scale: Some(scale),
+        ..Default::default()
+    };
     let slice = match mode {
         AttentionMode::Fused => None,
         AttentionMode::Sliced(n) => Some(n.max(1)),
@@ -49,7 +58,14 @@ pub fn scaled_dot_product(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64, 
                 .step_by(n)
                 .map(|start| {
                     let len = n.min(lq - start);
-                    attention(q.clone().narrow(2, start, len), k.clone(), v.clone(), None, None, options)
+                    attention(
+                        q.clone().narrow(2, start, len),
+                        k.clone(),
+                        v.clone(),
+                        None,
+                        None,
+                        options,
+                    )
                 })
                 .collect();
             Tensor::cat(chunks, 2)
@@ -59,7 +75,16 @@ pub fn scaled_dot_product(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64, 
 }
 
 /// Causal `softmax(q kᵀ · scale + mask) v` (position i attends to j ≤ i), for text encoders; `[B, H, L, D]`.
-pub fn scaled_dot_product_causal(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
-    let options = AttentionModuleOptions { scale: Some(scale), is_causal: true, ..Default::default() };
+pub fn scaled_dot_product_causal(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f64,
+) -> Tensor<4> {
+    let options = AttentionModuleOptions {
+        scale: Some(scale),
+        is_causal: true,
+        ..Default::default()
+    };
     attention(q, k, v, None, None, options)
 }

@@ -13,7 +13,9 @@ pub(crate) fn conv2d(c_in: usize, c_out: usize, k: usize, pad: usize, device: &D
 
 /// `nn.GroupNorm(groups, c, eps, affine=True)`.
 pub(crate) fn group_norm(groups: usize, c: usize, eps: f64, device: &Device) -> GroupNorm {
-    GroupNormConfig::new(groups, c).with_epsilon(eps).init(device)
+    GroupNormConfig::new(groups, c)
+        .with_epsilon(eps)
+        .init(device)
 }
 
 pub mod attention;

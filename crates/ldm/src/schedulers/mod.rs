@@ -4,4 +4,7 @@
 
 mod schedule;
 
-pub use schedule::{make_beta_schedule, BetaSchedule, DdimDiscretization, DdimTables, DiffusionSchedule, ddim_tables, ddim_timesteps};
+pub use schedule::{
+    BetaSchedule, DdimDiscretization, DdimTables, DiffusionSchedule, ddim_tables, ddim_timesteps,
+    make_beta_schedule,
+};

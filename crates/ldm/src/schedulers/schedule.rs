@@ -51,19 +51,34 @@ pub struct DiffusionSchedule {
 }
 
 /// `make_beta_schedule(schedule, n, linear_start, linear_end, cosine_s)`, in f64.
-pub fn make_beta_schedule(schedule: BetaSchedule, n: usize, linear_start: f64, linear_end: f64) -> Result<Vec<f64>> {
+pub fn make_beta_schedule(
+    schedule: BetaSchedule,
+    n: usize,
+    linear_start: f64,
+    linear_end: f64,
+) -> Result<Vec<f64>> {
     if n < 2 {
-        return Err(Error::Config(format!("a schedule needs at least 2 timesteps, got {n}")));
+        return Err(Error::Config(format!(
+            "a schedule needs at least 2 timesteps, got {n}"
+        )));
     }
     // torch.linspace(a, b, n): a + i·(b − a)/(n − 1)
     let linspace = |a: f64, b: f64| -> Vec<f64> {
         let step = (b - a) / (n - 1) as f64;
-        (0..n).map(|i| if i == n - 1 { b } else { a + step * i as f64 }).collect()
+        (0..n)
+            .map(|i| if i == n - 1 { b } else { a + step * i as f64 })
+            .collect()
     };
     Ok(match schedule {
-        BetaSchedule::Linear => linspace(linear_start.sqrt(), linear_end.sqrt()).into_iter().map(|x| x * x).collect(),
+        BetaSchedule::Linear => linspace(linear_start.sqrt(), linear_end.sqrt())
+            .into_iter()
+            .map(|x| x * x)
+            .collect(),
         BetaSchedule::SqrtLinear => linspace(linear_start, linear_end),
-        BetaSchedule::Sqrt => linspace(linear_start, linear_end).into_iter().map(f64::sqrt).collect(),
+        BetaSchedule::Sqrt => linspace(linear_start, linear_end)
+            .into_iter()
+            .map(f64::sqrt)
+            .collect(),
         BetaSchedule::Cosine { s } => {
             // Floating-point time: t = i / n + s (an integer division here zeroes the schedule).
             let alphas: Vec<f64> = (0..=n)
@@ -74,15 +89,27 @@ pub fn make_beta_schedule(schedule: BetaSchedule, n: usize, linear_start: f64, l
                 .collect();
             let a0 = alphas[0];
             let alphas: Vec<f64> = alphas.iter().map(|a| a / a0).collect();
-            (0..n).map(|i| (1.0 - alphas[i + 1] / alphas[i]).clamp(0.0, 0.999)).collect()
+            (0..n)
+                .map(|i| (1.0 - alphas[i + 1] / alphas[i]).clamp(0.0, 0.999))
+                .collect()
         }
     })
 }
 
 impl DiffusionSchedule {
     /// The schedule of an LDM config (`beta_schedule`, `timesteps`, `linear_start`, `linear_end`).
-    pub fn new(schedule: BetaSchedule, timesteps: usize, linear_start: f64, linear_end: f64) -> Result<Self> {
-        Ok(Self::from_betas(make_beta_schedule(schedule, timesteps, linear_start, linear_end)?))
+    pub fn new(
+        schedule: BetaSchedule,
+        timesteps: usize,
+        linear_start: f64,
+        linear_end: f64,
+    ) -> Result<Self> {
+        Ok(Self::from_betas(make_beta_schedule(
+            schedule,
+            timesteps,
+            linear_start,
+            linear_end,
+        )?))
     }
 
     /// Stable Diffusion v1 / LDM text-to-image: linear, 1000 steps, 0.00085 → 0.012.
@@ -99,7 +126,9 @@ impl DiffusionSchedule {
             prod *= a;
             acp.push(prod);
         }
-        let prev: Vec<f64> = std::iter::once(1.0).chain(acp[..acp.len() - 1].iter().copied()).collect();
+        let prev: Vec<f64> = std::iter::once(1.0)
+            .chain(acp[..acp.len() - 1].iter().copied())
+            .collect();
         let map = |f: &dyn Fn(usize) -> f64| (0..betas.len()).map(f).collect::<Vec<f64>>();
         let posterior_variance = map(&|i| betas[i] * (1.0 - prev[i]) / (1.0 - acp[i]));
         Self {
@@ -108,7 +137,10 @@ impl DiffusionSchedule {
             log_one_minus_alphas_cumprod: map(&|i| (1.0 - acp[i]).ln()),
             sqrt_recip_alphas_cumprod: map(&|i| (1.0 / acp[i]).sqrt()),
             sqrt_recipm1_alphas_cumprod: map(&|i| (1.0 / acp[i] - 1.0).sqrt()),
-            posterior_log_variance_clipped: posterior_variance.iter().map(|v| v.max(1e-20).ln()).collect(),
+            posterior_log_variance_clipped: posterior_variance
+                .iter()
+                .map(|v| v.max(1e-20).ln())
+                .collect(),
             posterior_mean_coef1: map(&|i| betas[i] * prev[i].sqrt() / (1.0 - acp[i])),
             posterior_mean_coef2: map(&|i| (1.0 - prev[i]) * alphas[i].sqrt() / (1.0 - acp[i])),
             posterior_variance,
@@ -137,9 +169,15 @@ pub enum DdimDiscretization {
 /// `make_ddim_timesteps`: the reference's S timesteps **with its +1 offset** (so the first step
 /// targets ᾱ at index 1 and the last step's "previous" ᾱ is ᾱ[0], not 1). For S = T the offset
 /// would index past the end (the reference crashes); there the plain steps 0..T−1 are used.
-pub fn ddim_timesteps(method: DdimDiscretization, steps: usize, timesteps: usize) -> Result<Vec<usize>> {
+pub fn ddim_timesteps(
+    method: DdimDiscretization,
+    steps: usize,
+    timesteps: usize,
+) -> Result<Vec<usize>> {
     if steps == 0 || steps > timesteps {
-        return Err(Error::Config(format!("DDIM steps must be in 1..={timesteps}, got {steps}")));
+        return Err(Error::Config(format!(
+            "DDIM steps must be in 1..={timesteps}, got {steps}"
+        )));
     }
     let raw: Vec<usize> = match method {
         DdimDiscretization::Uniform => {
@@ -150,14 +188,22 @@ pub fn ddim_timesteps(method: DdimDiscretization, steps: usize, timesteps: usize
             let end = (timesteps as f64 * 0.8).sqrt();
             (0..steps)
                 .map(|i| {
-                    let x = if steps == 1 { 0.0 } else if i == steps - 1 { end } else { end / (steps - 1) as f64 * i as f64 };
+                    let x = if steps == 1 {
+                        0.0
+                    } else if i == steps - 1 {
+                        end
+                    } else {
+                        end / (steps - 1) as f64 * i as f64
+                    };
                     (x * x) as usize
                 })
                 .collect()
         }
     };
     if raw.iter().any(|&t| t + 1 >= timesteps) {
-        tracing::warn!("{steps} DDIM steps of {timesteps}: the reference's +1 offset would overflow; using unshifted steps");
+        tracing::warn!(
+            "{steps} DDIM steps of {timesteps}: the reference's +1 offset would overflow; using unshifted steps"
+        );
         return Ok(raw);
     }
     Ok(raw.into_iter().map(|t| t + 1).collect())
@@ -178,15 +224,27 @@ pub struct DdimTables {
 
 /// `make_ddim_sampling_parameters` on `alphas_cumprod` rounded to f32, as the reference reads them
 /// from its float32 buffer.
-pub fn ddim_tables(schedule: &DiffusionSchedule, method: DdimDiscretization, steps: usize, eta: f64) -> Result<DdimTables> {
+pub fn ddim_tables(
+    schedule: &DiffusionSchedule,
+    method: DdimDiscretization,
+    steps: usize,
+    eta: f64,
+) -> Result<DdimTables> {
     let timesteps = ddim_timesteps(method, steps, schedule.timesteps())?;
     let acp = |i: usize| schedule.alphas_cumprod[i] as f32 as f64;
     let alphas: Vec<f64> = timesteps.iter().map(|&t| acp(t)).collect();
-    let alphas_prev: Vec<f64> = std::iter::once(acp(0)).chain(timesteps[..timesteps.len() - 1].iter().map(|&t| acp(t))).collect();
+    let alphas_prev: Vec<f64> = std::iter::once(acp(0))
+        .chain(timesteps[..timesteps.len() - 1].iter().map(|&t| acp(t)))
+        .collect();
     let sigmas = alphas
         .iter()
         .zip(&alphas_prev)
         .map(|(a, p)| eta * ((1.0 - p) / (1.0 - a) * (1.0 - a / p)).sqrt())
         .collect();
-    Ok(DdimTables { timesteps, alphas, alphas_prev, sigmas })
+    Ok(DdimTables {
+        timesteps,
+        alphas,
+        alphas_prev,
+        sigmas,
+    })
 }

@@ -73,7 +73,8 @@ impl ResnetBlockConfig {
         ResnetBlock {
             norm1: group_norm(self.norm_groups, i, self.norm_eps, device),
             conv1: conv2d(i, o, 3, 1, device),
-            temb_proj: (self.temb_channels > 0).then(|| LinearConfig::new(self.temb_channels, o).init(device)),
+            temb_proj: (self.temb_channels > 0)
+                .then(|| LinearConfig::new(self.temb_channels, o).init(device)),
             norm2: group_norm(self.norm_groups, o, self.norm_eps, device),
             dropout: DropoutConfig::new(self.dropout).init(),
             conv2: conv2d(o, o, 3, 1, device),
@@ -90,7 +91,9 @@ impl ResnetBlock {
         if let (Some(proj), Some(temb)) = (&self.temb_proj, temb) {
             h = h + proj.forward(silu(temb)).unsqueeze_dims::<4>(&[2, 3]);
         }
-        let h = self.conv2.forward(self.dropout.forward(silu(self.norm2.forward(h))));
+        let h = self
+            .conv2
+            .forward(self.dropout.forward(silu(self.norm2.forward(h))));
         let skip = match (&self.conv_shortcut, &self.nin_shortcut) {
             (Some(c), _) => c.forward(x),
             (None, Some(c)) => c.forward(x),
@@ -136,12 +139,19 @@ impl AttnBlock {
         let [b, c, h, w] = x.dims();
         let hn = self.norm.forward(x.clone());
         // [B, C, H, W] -> [B, 1, HW, C]: one head holding all channels.
-        let tokens = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2).unsqueeze_dim::<4>(1);
+        let tokens = |t: Tensor<4>| {
+            t.reshape([b, c, h * w])
+                .swap_dims(1, 2)
+                .unsqueeze_dim::<4>(1)
+        };
         let q = tokens(self.q.forward(hn.clone()));
         let k = tokens(self.k.forward(hn.clone()));
         let v = tokens(self.v.forward(hn));
         let out = scaled_dot_product(q, k, v, (c as f64).powf(-0.5), self.attention_mode); // [B, 1, HW, C]
-        let out = out.reshape([b, h * w, c]).swap_dims(1, 2).reshape([b, c, h, w]);
+        let out = out
+            .reshape([b, h * w, c])
+            .swap_dims(1, 2)
+            .reshape([b, c, h, w]);
         x + self.proj_out.forward(out)
     }
 }
@@ -160,7 +170,9 @@ impl LinAttnBlock {
     /// Builds the block for `channels` channels.
     pub fn new(channels: usize, device: &Device) -> Self {
         Self {
-            to_qkv: burn::nn::conv::Conv2dConfig::new([channels, 3 * channels], [1, 1]).with_bias(false).init(device),
+            to_qkv: burn::nn::conv::Conv2dConfig::new([channels, 3 * channels], [1, 1])
+                .with_bias(false)
+                .init(device),
             to_out: conv2d(channels, channels, 1, 0, device),
         }
     }
@@ -191,9 +203,17 @@ pub enum AttnLayer {
 
 impl AttnLayer {
     /// Builds the layer `make_attn(channels, attn_type)` would build.
-    pub fn new(attn_type: AttnType, channels: usize, norm_groups: usize, norm_eps: f64, device: &Device) -> Self {
+    pub fn new(
+        attn_type: AttnType,
+        channels: usize,
+        norm_groups: usize,
+        norm_eps: f64,
+        device: &Device,
+    ) -> Self {
         match attn_type {
-            AttnType::Vanilla => Self::Vanilla(AttnBlock::new(channels, norm_groups, norm_eps, device)),
+            AttnType::Vanilla => {
+                Self::Vanilla(AttnBlock::new(channels, norm_groups, norm_eps, device))
+            }
             AttnType::Linear => Self::Linear(LinAttnBlock::new(channels, device)),
             AttnType::None => Self::Identity(Identity::new()),
         }
@@ -219,13 +239,18 @@ pub struct Upsample {
 impl Upsample {
     /// Builds the layer.
     pub fn new(channels: usize, with_conv: bool, device: &Device) -> Self {
-        Self { conv: with_conv.then(|| conv2d(channels, channels, 3, 1, device)) }
+        Self {
+            conv: with_conv.then(|| conv2d(channels, channels, 3, 1, device)),
+        }
     }
 
     /// `[B, C, H, W]` → `[B, C, 2H, 2W]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
-        let x = interpolate(x, InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]));
+        let x = interpolate(
+            x,
+            InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]),
+        );
         match &self.conv {
             Some(conv) => conv.forward(x),
             None => x,
@@ -247,10 +272,18 @@ impl Downsample {
     /// Builds the layer.
     pub fn new(channels: usize, with_conv: bool, device: &Device) -> Self {
         if with_conv {
-            let conv = burn::nn::conv::Conv2dConfig::new([channels, channels], [3, 3]).with_stride([2, 2]).init(device);
-            Self { conv: Some(conv), pool: None }
+            let conv = burn::nn::conv::Conv2dConfig::new([channels, channels], [3, 3])
+                .with_stride([2, 2])
+                .init(device);
+            Self {
+                conv: Some(conv),
+                pool: None,
+            }
         } else {
-            Self { conv: None, pool: Some(AvgPool2dConfig::new([2, 2]).with_strides([2, 2]).init()) }
+            Self {
+                conv: None,
+                pool: Some(AvgPool2dConfig::new([2, 2]).with_strides([2, 2]).init()),
+            }
         }
     }
 

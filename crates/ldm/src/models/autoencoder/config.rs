@@ -84,16 +84,27 @@ impl DdConfig {
         for m in &self.ch_mult {
             let c = self.ch * m;
             if c == 0 || c % self.norm_groups != 0 {
-                return err(format!("channel count {c} (ch {} x mult {m}) is not a multiple of {} GroupNorm groups", self.ch, self.norm_groups));
+                return err(format!(
+                    "channel count {c} (ch {} x mult {m}) is not a multiple of {} GroupNorm groups",
+                    self.ch, self.norm_groups
+                ));
             }
         }
         if self.ch % self.norm_groups != 0 {
-            return err(format!("ch {} is not a multiple of {} GroupNorm groups", self.ch, self.norm_groups));
+            return err(format!(
+                "ch {} is not a multiple of {} GroupNorm groups",
+                self.ch, self.norm_groups
+            ));
         }
         Ok(())
     }
 
-    fn ldm(z_channels: usize, ch_mult: Vec<usize>, attn_resolutions: Vec<usize>, double_z: bool) -> Self {
+    fn ldm(
+        z_channels: usize,
+        ch_mult: Vec<usize>,
+        attn_resolutions: Vec<usize>,
+        double_z: bool,
+    ) -> Self {
         Self::new()
             .with_z_channels(z_channels)
             .with_ch_mult(ch_mult)

@@ -56,14 +56,24 @@ impl Decoder {
                 block.push(res_block(block_in, block_out, cfg, device));
                 block_in = block_out;
                 if cfg.attn_resolutions.contains(&curr_res) {
-                    attn.push(AttnLayer::new(cfg.attn_type, block_in, cfg.norm_groups, cfg.norm_eps, device));
+                    attn.push(AttnLayer::new(
+                        cfg.attn_type,
+                        block_in,
+                        cfg.norm_groups,
+                        cfg.norm_eps,
+                        device,
+                    ));
                 }
             }
             let upsample = (i_level != 0).then(|| {
                 curr_res *= 2;
                 Upsample::new(block_in, cfg.resamp_with_conv, device)
             });
-            up.push(DecoderLevel { block, attn, upsample });
+            up.push(DecoderLevel {
+                block,
+                attn,
+                upsample,
+            });
         }
         up.reverse();
         Self {

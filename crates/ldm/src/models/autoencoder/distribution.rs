@@ -25,7 +25,13 @@ impl DiagonalGaussianDistribution {
         let logvar = halves.next().expect("two chunks").clamp(-30.0, 20.0);
         let std = logvar.clone().mul_scalar(0.5).exp();
         let var = logvar.clone().exp();
-        Self { mean, logvar, std, var, deterministic: false }
+        Self {
+            mean,
+            logvar,
+            std,
+            var,
+            deterministic: false,
+        }
     }
 
     /// The reference's `deterministic=True`: zero variance, `kl` and `nll` are zero.
@@ -89,7 +95,9 @@ impl DiagonalGaussianDistribution {
             return Tensor::zeros([self.mean.dims()[0]], &self.mean.device());
         }
         let log_two_pi = (2.0 * std::f64::consts::PI).ln();
-        let t = self.logvar.clone() + (sample - self.mean.clone()).square() / self.var.clone() + log_two_pi;
+        let t = self.logvar.clone()
+            + (sample - self.mean.clone()).square() / self.var.clone()
+            + log_two_pi;
         t.sum_dims_squeeze::<1, _>(&[1, 2, 3]).mul_scalar(0.5)
     }
 }

@@ -88,16 +88,30 @@ impl Encoder {
                 block.push(res_block(block_in, block_out, cfg, device));
                 block_in = block_out;
                 if cfg.attn_resolutions.contains(&curr_res) {
-                    attn.push(AttnLayer::new(cfg.attn_type, block_in, cfg.norm_groups, cfg.norm_eps, device));
+                    attn.push(AttnLayer::new(
+                        cfg.attn_type,
+                        block_in,
+                        cfg.norm_groups,
+                        cfg.norm_eps,
+                        device,
+                    ));
                 }
             }
             let downsample = (i_level != levels - 1).then(|| {
                 curr_res /= 2;
                 Downsample::new(block_in, cfg.resamp_with_conv, device)
             });
-            down.push(EncoderLevel { block, attn, downsample });
+            down.push(EncoderLevel {
+                block,
+                attn,
+                downsample,
+            });
         }
-        let z_out = if cfg.double_z { 2 * cfg.z_channels } else { cfg.z_channels };
+        let z_out = if cfg.double_z {
+            2 * cfg.z_channels
+        } else {
+            cfg.z_channels
+        };
         Self {
             conv_in: conv2d(cfg.in_channels, cfg.ch, 3, 1, device),
             down,

@@ -42,7 +42,9 @@ impl AutoencoderKLConfig {
     pub fn validate(&self) -> crate::Result<()> {
         self.ddconfig.validate()?;
         if !self.ddconfig.double_z {
-            return Err(crate::Error::Config("AutoencoderKL needs ddconfig.double_z = true".into()));
+            return Err(crate::Error::Config(
+                "AutoencoderKL needs ddconfig.double_z = true".into(),
+            ));
         }
         Ok(())
     }
@@ -84,9 +86,17 @@ impl AutoencoderKL {
     }
 
     /// Reconstruction through a posterior sample (`sample_posterior`) or its mode.
-    pub fn forward(&self, x: Tensor<4>, sample_posterior: bool) -> (Tensor<4>, DiagonalGaussianDistribution) {
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        sample_posterior: bool,
+    ) -> (Tensor<4>, DiagonalGaussianDistribution) {
         let posterior = self.encode(x);
-        let z = if sample_posterior { posterior.sample() } else { posterior.mode() };
+        let z = if sample_posterior {
+            posterior.sample()
+        } else {
+            posterior.mode()
+        };
         (self.decode(z), posterior)
     }
 

@@ -34,7 +34,10 @@ impl VectorQuantizerConfig {
         let bound = 1.0 / self.n_embed as f64;
         VectorQuantizer {
             embedding: EmbeddingConfig::new(self.n_embed, self.embed_dim)
-                .with_initializer(Initializer::Uniform { min: -bound, max: bound })
+                .with_initializer(Initializer::Uniform {
+                    min: -bound,
+                    max: bound,
+                })
                 .init(device),
             beta: self.beta,
             legacy: self.legacy,
@@ -92,13 +95,21 @@ impl VectorQuantizer {
             commit.mul_scalar(self.beta) + codebook
         };
         let quantized = z.clone() + (z_q - z).detach();
-        VqOutput { quantized, loss, indices }
+        VqOutput {
+            quantized,
+            loss,
+            indices,
+        }
     }
 
     /// Codebook vectors for `indices` `[B, H, W]` → `[B, C, H, W]`.
     pub fn get_codebook_entry(&self, indices: Tensor<3, Int>) -> Tensor<4> {
         let [b, h, w] = indices.dims();
-        let codes = self.embedding.weight.val().select(0, indices.reshape([b * h * w]));
+        let codes = self
+            .embedding
+            .weight
+            .val()
+            .select(0, indices.reshape([b * h * w]));
         let c = codes.dims()[1];
         codes.reshape([b, h, w, c]).permute([0, 3, 1, 2])
     }
@@ -144,7 +155,9 @@ impl VQModelConfig {
     pub fn validate(&self) -> crate::Result<()> {
         self.ddconfig.validate()?;
         if self.ddconfig.double_z {
-            return Err(crate::Error::Config("VQModel needs ddconfig.double_z = false".into()));
+            return Err(crate::Error::Config(
+                "VQModel needs ddconfig.double_z = false".into(),
+            ));
         }
         Ok(())
     }
@@ -155,7 +168,9 @@ impl VQModelConfig {
         VQModel {
             encoder: Encoder::new(&self.ddconfig, device),
             decoder: Decoder::new(&self.ddconfig, device),
-            quantize: VectorQuantizerConfig::new(self.n_embed, self.embed_dim).with_beta(self.beta).init(device),
+            quantize: VectorQuantizerConfig::new(self.n_embed, self.embed_dim)
+                .with_beta(self.beta)
+                .init(device),
             quant_conv: conv2d(z, self.embed_dim, 1, 0, device),
             post_quant_conv: conv2d(self.embed_dim, z, 1, 0, device),
         }
@@ -202,7 +217,11 @@ impl VQModel {
 
     /// `VQModelInterface.decode`: quantise `h` (unless `force_not_quantize`), then decode.
     pub fn decode_latent(&self, h: Tensor<4>, force_not_quantize: bool) -> Tensor<4> {
-        let quant = if force_not_quantize { h } else { self.quantize.forward(h).quantized };
+        let quant = if force_not_quantize {
+            h
+        } else {
+            self.quantize.forward(h).quantized
+        };
         self.decode(quant)
     }
 

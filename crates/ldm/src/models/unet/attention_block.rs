@@ -31,7 +31,13 @@ pub struct AttentionBlock {
 impl AttentionBlock {
     /// `AttentionBlock(channels, num_heads, num_head_channels, use_new_attention_order)`; a
     /// `num_head_channels` of -1 means "use `num_heads`".
-    pub fn new(channels: usize, num_heads: isize, num_head_channels: isize, new_order: bool, device: &Device) -> crate::Result<Self> {
+    pub fn new(
+        channels: usize,
+        num_heads: isize,
+        num_head_channels: isize,
+        new_order: bool,
+        device: &Device,
+    ) -> crate::Result<Self> {
         let heads = if num_head_channels == -1 {
             num_heads
         } else {
@@ -43,7 +49,9 @@ impl AttentionBlock {
             (channels / num_head_channels as usize) as isize
         };
         if heads <= 0 || channels % heads as usize != 0 {
-            return Err(crate::Error::Config(format!("attention channels {channels} do not split into {heads} heads")));
+            return Err(crate::Error::Config(format!(
+                "attention channels {channels} do not split into {heads} heads"
+            )));
         }
         let conv1d = |o: usize| Conv1dConfig::new(channels, o, 1).init(device);
         Ok(Self {
@@ -69,8 +77,19 @@ impl AttentionBlock {
         } else {
             qkv.reshape([b, heads, 3, ch, t]).permute([2, 0, 1, 3, 4])
         };
-        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, heads, ch, t]).swap_dims(2, 3); // [B, H, T, ch]
-        let out = scaled_dot_product(part(0), part(1), part(2), (ch as f64).powf(-0.5), self.attention_mode);
+        let part = |i: usize| {
+            qkv.clone()
+                .narrow(0, i, 1)
+                .reshape([b, heads, ch, t])
+                .swap_dims(2, 3)
+        }; // [B, H, T, ch]
+        let out = scaled_dot_product(
+            part(0),
+            part(1),
+            part(2),
+            (ch as f64).powf(-0.5),
+            self.attention_mode,
+        );
         let out = out.swap_dims(2, 3).reshape([b, c, t]); // heads back to channels
         (x + self.proj_out.forward(out)).reshape([b, c, h, w])
     }

@@ -20,7 +20,10 @@ pub(crate) fn normalization(c: usize, device: &Device) -> GroupNorm {
 
 fn nearest_x2(x: Tensor<4>) -> Tensor<4> {
     let [_, _, h, w] = x.dims();
-    interpolate(x, InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]))
+    interpolate(
+        x,
+        InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]),
+    )
 }
 
 /// Nearest x2 upsampling, optionally followed by a 3x3 conv (`conv`).
@@ -33,7 +36,9 @@ pub struct Upsample {
 impl Upsample {
     /// `Upsample(channels, use_conv, out_channels)`.
     pub fn new(channels: usize, use_conv: bool, out_channels: usize, device: &Device) -> Self {
-        Self { conv: use_conv.then(|| conv2d(channels, out_channels, 3, 1, device)) }
+        Self {
+            conv: use_conv.then(|| conv2d(channels, out_channels, 3, 1, device)),
+        }
     }
 
     /// `[B, C, H, W]` → `[B, C', 2H, 2W]`.
@@ -63,9 +68,15 @@ impl Downsample {
                 .with_stride([2, 2])
                 .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
                 .init(device);
-            Self { op: Some(op), pool: None }
+            Self {
+                op: Some(op),
+                pool: None,
+            }
         } else {
-            Self { op: None, pool: Some(AvgPool2dConfig::new([2, 2]).with_strides([2, 2]).init()) }
+            Self {
+                op: None,
+                pool: Some(AvgPool2dConfig::new([2, 2]).with_strides([2, 2]).init()),
+            }
         }
     }
 
@@ -132,8 +143,15 @@ impl ResBlockConfig {
             (false, false) => Some(conv2d(c, o, 1, 0, device)),
         };
         ResBlock {
-            in_layers: (normalization(c, device), SiLU::new(), conv2d(c, o, 3, 1, device)),
-            emb_layers: (SiLU::new(), LinearConfig::new(self.emb_channels, emb_out).init(device)),
+            in_layers: (
+                normalization(c, device),
+                SiLU::new(),
+                conv2d(c, o, 3, 1, device),
+            ),
+            emb_layers: (
+                SiLU::new(),
+                LinearConfig::new(self.emb_channels, emb_out).init(device),
+            ),
             out_layers: (
                 normalization(o, device),
                 SiLU::new(),
@@ -153,7 +171,10 @@ impl ResBlock {
         if self.up {
             nearest_x2(x)
         } else if self.down {
-            AvgPool2dConfig::new([2, 2]).with_strides([2, 2]).init().forward(x)
+            AvgPool2dConfig::new([2, 2])
+                .with_strides([2, 2])
+                .init()
+                .forward(x)
         } else {
             x
         }
@@ -161,11 +182,27 @@ impl ResBlock {
 
     /// `x` `[B, C, H, W]`, `emb` `[B, emb_channels]` → `[B, C_out, H', W']`.
     pub fn forward(&self, x: Tensor<4>, emb: Tensor<2>) -> Tensor<4> {
-        let h = self.in_layers.1.forward(self.in_layers.0.forward(x.clone()));
-        let (h, x) = if self.up || self.down { (self.resample(h), self.resample(x)) } else { (h, x) };
+        let h = self
+            .in_layers
+            .1
+            .forward(self.in_layers.0.forward(x.clone()));
+        let (h, x) = if self.up || self.down {
+            (self.resample(h), self.resample(x))
+        } else {
+            (h, x)
+        };
         let h = self.in_layers.2.forward(h);
-        let e = self.emb_layers.1.forward(self.emb_layers.0.forward(emb)).unsqueeze_dims::<4>(&[2, 3]);
-        let (norm, act, drop, conv) = (&self.out_layers.0, &self.out_layers.1, &self.out_layers.2, &self.out_layers.3);
+        let e = self
+            .emb_layers
+            .1
+            .forward(self.emb_layers.0.forward(emb))
+            .unsqueeze_dims::<4>(&[2, 3]);
+        let (norm, act, drop, conv) = (
+            &self.out_layers.0,
+            &self.out_layers.1,
+            &self.out_layers.2,
+            &self.out_layers.3,
+        );
         let h = if self.use_scale_shift_norm {
             let mut parts = e.chunk(2, 1).into_iter();
             let (scale, shift) = (parts.next().expect("scale"), parts.next().expect("shift"));

@@ -10,7 +10,9 @@ pub fn timestep_embedding(t: Tensor<1>, dim: usize, max_period: f64) -> Tensor<2
     let half = dim / 2;
     // f32 arithmetic in the reference's order: (-ln(P) * i) / half, then exp.
     let neg_log = -(max_period.ln() as f32);
-    let freqs: Vec<f32> = (0..half).map(|i| (neg_log * i as f32 / half as f32).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (neg_log * i as f32 / half as f32).exp())
+        .collect();
     let freqs = Tensor::<2>::from_data(TensorData::new(freqs, [1, half]), &device);
     let args = t.unsqueeze_dim::<2>(1) * freqs; // [B, half]
     let emb = Tensor::cat(vec![args.clone().cos(), args.sin()], 1);

@@ -54,8 +54,15 @@ impl UNetLayer {
     }
 }
 
-fn run(block: &[UNetLayer], x: Tensor<4>, emb: &Tensor<2>, context: &Option<Tensor<3>>) -> Tensor<4> {
-    block.iter().fold(x, |h, layer| layer.forward(h, emb, context))
+fn run(
+    block: &[UNetLayer],
+    x: Tensor<4>,
+    emb: &Tensor<2>,
+    context: &Option<Tensor<3>>,
+) -> Tensor<4> {
+    block
+        .iter()
+        .fold(x, |h, layer| layer.forward(h, emb, context))
 }
 
 /// The denoiser ε_θ(x_t, t, c) of LDM: `forward(x, timesteps, context, y)`.
@@ -97,7 +104,11 @@ impl UNetConfig {
                     .init(device),
             )
         };
-        let num_heads_upsample = if self.num_heads_upsample == -1 { self.num_heads } else { self.num_heads_upsample };
+        let num_heads_upsample = if self.num_heads_upsample == -1 {
+            self.num_heads
+        } else {
+            self.num_heads_upsample
+        };
         // The reference's head arithmetic, `legacy` quirks included.
         let attention = |ch: usize, upsample: bool| -> Result<UNetLayer> {
             let c = ch as isize;
@@ -108,11 +119,17 @@ impl UNetConfig {
                 num_heads = c / self.num_head_channels;
             }
             if self.legacy {
-                dim_head = if self.use_spatial_transformer { c / num_heads } else { self.num_head_channels };
+                dim_head = if self.use_spatial_transformer {
+                    c / num_heads
+                } else {
+                    self.num_head_channels
+                };
             }
             if self.use_spatial_transformer {
                 if num_heads <= 0 || dim_head <= 0 {
-                    return Err(Error::Config(format!("cannot split {ch} channels into heads")));
+                    return Err(Error::Config(format!(
+                        "cannot split {ch} channels into heads"
+                    )));
                 }
                 let st = SpatialTransformerConfig::new(ch, num_heads as usize, dim_head as usize)
                     .with_depth(self.transformer_depth)
@@ -122,12 +139,28 @@ impl UNetConfig {
                     .init(device);
                 Ok(UNetLayer::Transformer(st))
             } else {
-                let heads = if upsample { num_heads_upsample } else { num_heads };
-                Ok(UNetLayer::Attention(AttentionBlock::new(ch, heads, dim_head, self.use_new_attention_order, device)?))
+                let heads = if upsample {
+                    num_heads_upsample
+                } else {
+                    num_heads
+                };
+                Ok(UNetLayer::Attention(AttentionBlock::new(
+                    ch,
+                    heads,
+                    dim_head,
+                    self.use_new_attention_order,
+                    device,
+                )?))
             }
         };
 
-        let mut input_blocks = vec![vec![UNetLayer::Conv(conv2d(self.in_channels, mc, 3, 1, device))]];
+        let mut input_blocks = vec![vec![UNetLayer::Conv(conv2d(
+            self.in_channels,
+            mc,
+            3,
+            1,
+            device,
+        ))]];
         let mut chans = vec![mc];
         let mut ch = mc;
         let mut ds = 1;
@@ -153,7 +186,11 @@ impl UNetConfig {
                 ds *= 2;
             }
         }
-        let middle_block = vec![res(ch, ch, false, false), attention(ch, false)?, res(ch, ch, false, false)];
+        let middle_block = vec![
+            res(ch, ch, false, false),
+            attention(ch, false)?,
+            res(ch, ch, false, false),
+        ];
         let mut output_blocks = Vec::new();
         for (level, mult) in self.channel_mult.iter().enumerate().rev() {
             for i in 0..=self.num_res_blocks {
@@ -175,12 +212,22 @@ impl UNetConfig {
             }
         }
         Ok(UNetModel {
-            time_embed: (LinearConfig::new(mc, ted).init(device), SiLU::new(), LinearConfig::new(ted, ted).init(device)),
-            label_emb: self.num_classes.map(|n| EmbeddingConfig::new(n, ted).init(device)),
+            time_embed: (
+                LinearConfig::new(mc, ted).init(device),
+                SiLU::new(),
+                LinearConfig::new(ted, ted).init(device),
+            ),
+            label_emb: self
+                .num_classes
+                .map(|n| EmbeddingConfig::new(n, ted).init(device)),
             input_blocks,
             middle_block,
             output_blocks,
-            out: (normalization(ch, device), SiLU::new(), conv2d(mc, self.out_channels, 3, 1, device)),
+            out: (
+                normalization(ch, device),
+                SiLU::new(),
+                conv2d(mc, self.out_channels, 3, 1, device),
+            ),
             model_channels: mc,
             in_channels: self.in_channels,
             levels,
@@ -195,9 +242,18 @@ impl UNetModel {
     /// `timesteps` `[B]` (float; fractional allowed), with cross-attention `context` `[B, L, context_dim]`
     /// and class labels `y` `[B]` where the model uses them. H and W must be multiples of
     /// `2^(levels-1)`. Panics on inconsistent inputs; use [`try_forward`](Self::try_forward) for errors.
-    pub fn forward(&self, x: Tensor<4>, timesteps: Tensor<1>, context: Option<Tensor<3>>, y: Option<Tensor<1, Int>>) -> Tensor<4> {
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        timesteps: Tensor<1>,
+        context: Option<Tensor<3>>,
+        y: Option<Tensor<1, Int>>,
+    ) -> Tensor<4> {
         let t_emb = timestep_embedding(timesteps, self.model_channels, 10000.0);
-        let mut emb = self.time_embed.2.forward(self.time_embed.1.forward(self.time_embed.0.forward(t_emb)));
+        let mut emb = self
+            .time_embed
+            .2
+            .forward(self.time_embed.1.forward(self.time_embed.0.forward(t_emb)));
         if let (Some(label_emb), Some(y)) = (&self.label_emb, y) {
             let b = y.dims()[0];
             let e = label_emb.forward(y.reshape([b, 1]));
@@ -215,7 +271,9 @@ impl UNetModel {
             let skip = hs.pop().expect("one skip per output block");
             h = run(block, Tensor::cat(vec![h, skip], 1), &emb, &context);
         }
-        self.out.2.forward(self.out.1.forward(self.out.0.forward(h)))
+        self.out
+            .2
+            .forward(self.out.1.forward(self.out.0.forward(h)))
     }
 
     /// [`forward`](Self::forward) after checking shapes and the presence of context / labels.
@@ -231,7 +289,13 @@ impl UNetModel {
     }
 
     /// The checks of [`try_forward`](Self::try_forward).
-    pub fn check_inputs(&self, x: &Tensor<4>, t: &Tensor<1>, context: Option<&Tensor<3>>, y: Option<&Tensor<1, Int>>) -> Result<()> {
+    pub fn check_inputs(
+        &self,
+        x: &Tensor<4>,
+        t: &Tensor<1>,
+        context: Option<&Tensor<3>>,
+        y: Option<&Tensor<1, Int>>,
+    ) -> Result<()> {
         let [b, c, h, w] = x.dims();
         let f = 1 << (self.levels - 1);
         if c != self.in_channels || h % f != 0 || w % f != 0 || h == 0 || w == 0 {
@@ -242,22 +306,50 @@ impl UNetModel {
             });
         }
         if t.dims()[0] != b {
-            return Err(Error::Shape { what: "timesteps".into(), expected: format!("[{b}]"), got: t.dims().to_vec() });
+            return Err(Error::Shape {
+                what: "timesteps".into(),
+                expected: format!("[{b}]"),
+                got: t.dims().to_vec(),
+            });
         }
         match (self.context_dim, context) {
             (Some(d), Some(ctx)) if ctx.dims()[0] != b || ctx.dims()[2] != d => {
-                return Err(Error::Shape { what: "context".into(), expected: format!("[{b}, L, {d}]"), got: ctx.dims().to_vec() });
+                return Err(Error::Shape {
+                    what: "context".into(),
+                    expected: format!("[{b}, L, {d}]"),
+                    got: ctx.dims().to_vec(),
+                });
             }
-            (Some(d), None) => return Err(Error::Config(format!("this UNet needs a cross-attention context [B, L, {d}]"))),
-            (None, Some(_)) => return Err(Error::Config("this UNet takes no cross-attention context".into())),
+            (Some(d), None) => {
+                return Err(Error::Config(format!(
+                    "this UNet needs a cross-attention context [B, L, {d}]"
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(Error::Config(
+                    "this UNet takes no cross-attention context".into(),
+                ));
+            }
             _ => {}
         }
         match (self.num_classes, y) {
             (Some(_), Some(y)) if y.dims()[0] != b => {
-                return Err(Error::Shape { what: "class labels y".into(), expected: format!("[{b}]"), got: y.dims().to_vec() });
+                return Err(Error::Shape {
+                    what: "class labels y".into(),
+                    expected: format!("[{b}]"),
+                    got: y.dims().to_vec(),
+                });
             }
-            (Some(n), None) => return Err(Error::Config(format!("this UNet is class-conditional ({n} classes) and needs y"))),
-            (None, Some(_)) => return Err(Error::Config("this UNet is not class-conditional; y must be None".into())),
+            (Some(n), None) => {
+                return Err(Error::Config(format!(
+                    "this UNet is class-conditional ({n} classes) and needs y"
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(Error::Config(
+                    "this UNet is not class-conditional; y must be None".into(),
+                ));
+            }
             _ => {}
         }
         Ok(())
@@ -270,7 +362,11 @@ impl UNetModel {
 
     /// Sets how every attention layer runs (fused, sliced, or automatic by memory).
     pub fn set_attention_mode(&mut self, mode: AttentionMode) {
-        let blocks = self.input_blocks.iter_mut().chain(std::iter::once(&mut self.middle_block)).chain(self.output_blocks.iter_mut());
+        let blocks = self
+            .input_blocks
+            .iter_mut()
+            .chain(std::iter::once(&mut self.middle_block))
+            .chain(self.output_blocks.iter_mut());
         for block in blocks {
             for layer in block.iter_mut() {
                 layer.set_attention_mode(mode);
