@@ -8,7 +8,8 @@ use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::error::{Error, Result};
+use super::check_token_ids;
+use crate::error::Result;
 use crate::models::attention::FeedForward;
 use crate::nn::attention::{AttentionMode, scaled_dot_product};
 
@@ -169,22 +170,7 @@ impl TransformerWrapper {
 
     /// [`forward`](Self::forward) after checking ids and length.
     pub fn try_forward(&self, ids: Tensor<2, Int>) -> Result<Tensor<3>> {
-        let [_, l] = ids.dims();
-        if l == 0 || l > self.max_seq_len {
-            return Err(Error::Shape {
-                what: "BERT token ids".into(),
-                expected: format!("[B, 1..={}]", self.max_seq_len),
-                got: ids.dims().to_vec(),
-            });
-        }
-        let max = ids.clone().max().into_scalar::<i64>();
-        let min = ids.clone().min().into_scalar::<i64>();
-        if min < 0 || max as usize >= self.vocab_size {
-            return Err(Error::Config(format!(
-                "token id out of range [0, {}): saw {min}..={max}",
-                self.vocab_size
-            )));
-        }
+        check_token_ids(&ids, "BERT token ids", self.max_seq_len, self.vocab_size)?;
         Ok(self.forward(ids))
     }
 }

@@ -9,6 +9,7 @@ use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::check_token_ids;
 use crate::error::{Error, Result};
 use crate::nn::attention::scaled_dot_product_causal;
 
@@ -288,22 +289,7 @@ impl ClipTextModel {
 
     /// [`forward`](Self::forward) after checking that ids are in the vocabulary and fit the positions.
     pub fn try_forward(&self, ids: Tensor<2, Int>) -> Result<ClipTextOutput> {
-        let [_, l] = ids.dims();
-        if l == 0 || l > self.max_positions {
-            return Err(Error::Shape {
-                what: "CLIP token ids".into(),
-                expected: format!("[B, 1..={}]", self.max_positions),
-                got: ids.dims().to_vec(),
-            });
-        }
-        let max = ids.clone().max().into_scalar::<i64>();
-        let min = ids.clone().min().into_scalar::<i64>();
-        if min < 0 || max as usize >= self.vocab_size {
-            return Err(Error::Config(format!(
-                "token id out of range [0, {}): saw {min}..={max}",
-                self.vocab_size
-            )));
-        }
+        check_token_ids(&ids, "CLIP token ids", self.max_positions, self.vocab_size)?;
         Ok(self.forward(ids))
     }
 }
