@@ -4,6 +4,8 @@
 mod autoencoder;
 mod conditioning;
 mod loading;
+mod pipelines;
 mod presets;
+mod samplers;
 mod schedules;
 mod unet;

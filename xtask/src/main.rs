@@ -15,6 +15,8 @@ const GENERATORS: &[&str] = &[
     "gen_unet.py",
     "gen_conditioning.py",
     "gen_schedules.py",
+    "gen_samplers.py",
+    "gen_diffusers.py",
 ];
 
 fn main() -> Result<()> {
@@ -25,10 +27,11 @@ fn main() -> Result<()> {
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
-                 tasks:\n  fixtures [NAME..]  regenerate tests/fixtures from the reference (NAME: autoencoder, unet, conditioning, schedules;\n                     tokenizer data: python3 xtask/fixtures/build_tokenizers.py, see its docstring)\n  \
+                 tasks:\n  fixtures [NAME..]  regenerate tests/fixtures from the reference (NAME: autoencoder, unet, conditioning, schedules, samplers, diffusers;\n                     tokenizer data: python3 xtask/fixtures/build_tokenizers.py, see its docstring)\n  \
                  ci                 run .ci/run\n\n\
                  fixtures needs LDM_REFERENCE and TAMING_REFERENCE (and SD2_REFERENCE for the UNet) pointing to\n\
-                 checkouts of CompVis/latent-diffusion, CompVis/taming-transformers, Stability-AI/stablediffusion."
+                 checkouts of CompVis/latent-diffusion, CompVis/taming-transformers, Stability-AI/stablediffusion;\n\
+                 `diffusers` needs diffusers 0.35.2 (pip install \"diffusers==0.35.2\" \"huggingface-hub<1\")."
             );
             if args.is_empty() {
                 Ok(())

@@ -58,6 +58,9 @@ pub enum Error {
     /// An invalid configuration.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// An invalid input value (NaN in a latent, a size that is not a multiple of 8, ...).
+    #[error("invalid input: {0}")]
+    Input(String),
 }
 
 fn preview(items: &[String]) -> String {

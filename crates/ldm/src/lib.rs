@@ -27,6 +27,7 @@ pub mod error;
 pub mod io;
 pub mod models;
 pub mod nn;
+pub mod pipelines;
 pub mod schedulers;
 
 pub use burn;

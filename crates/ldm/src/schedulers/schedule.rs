@@ -231,6 +231,25 @@ pub fn ddim_tables(
     eta: f64,
 ) -> Result<DdimTables> {
     let timesteps = ddim_timesteps(method, steps, schedule.timesteps())?;
+    ddim_tables_for(schedule, timesteps, eta)
+}
+
+/// The DDIM tables for explicit ascending `timesteps` (e.g. diffusers' "trailing" selection, or an
+/// ablation without the reference's offset).
+pub fn ddim_tables_for(
+    schedule: &DiffusionSchedule,
+    timesteps: Vec<usize>,
+    eta: f64,
+) -> Result<DdimTables> {
+    let t_max = schedule.timesteps();
+    if timesteps.is_empty()
+        || timesteps.iter().any(|&t| t >= t_max)
+        || timesteps.windows(2).any(|w| w[0] >= w[1])
+    {
+        return Err(Error::Config(format!(
+            "DDIM timesteps must be non-empty, strictly increasing and below {t_max}, got {timesteps:?}"
+        )));
+    }
     let acp = |i: usize| schedule.alphas_cumprod[i] as f32 as f64;
     let alphas: Vec<f64> = timesteps.iter().map(|&t| acp(t)).collect();
     let alphas_prev: Vec<f64> = std::iter::once(acp(0))

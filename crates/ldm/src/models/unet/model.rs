@@ -85,6 +85,8 @@ pub struct UNetModel {
     levels: usize,
     num_classes: Option<usize>,
     context_dim: Option<usize>,
+    image_size: usize,
+    out_channels: usize,
 }
 
 impl UNetConfig {
@@ -233,6 +235,8 @@ impl UNetConfig {
             levels,
             num_classes: self.num_classes,
             context_dim: self.context_dim,
+            image_size: self.image_size,
+            out_channels: self.out_channels,
         })
     }
 }
@@ -358,6 +362,26 @@ impl UNetModel {
     /// Input channels.
     pub fn in_channels(&self) -> usize {
         self.in_channels
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// The nominal latent size of the config (`image_size`).
+    pub fn image_size(&self) -> usize {
+        self.image_size
+    }
+
+    /// Latent height and width must be multiples of this (`2^(levels − 1)`).
+    pub fn spatial_multiple(&self) -> usize {
+        1 << (self.levels - 1)
+    }
+
+    /// Cross-attention context width, if the UNet has cross-attention.
+    pub fn context_dim(&self) -> Option<usize> {
+        self.context_dim
     }
 
     /// Sets how every attention layer runs (fused, sliced, or automatic by memory).
