@@ -3,6 +3,7 @@
 //! The device defaults to Flex; set `LDM_TEST_DEVICE` (e.g. `wgpu:cpu` with `--features wgpu`) to
 //! run the same suite on another backend.
 
+pub mod ckpt;
 pub mod synthetic;
 
 use std::collections::HashMap;

@@ -180,3 +180,32 @@ fn sd_v1_vae_preset_parameter_count() {
     let model = AutoencoderKLConfig::kl_f8().init(&device());
     assert_eq!(burn::module::Module::num_params(&model), 83_653_863);
 }
+
+/// The test-side `.ckpt` writer round-trips through our reader (Lightning-wrapped and bare).
+#[test]
+fn torch_checkpoint_writer_round_trips() {
+    let dir = std::env::temp_dir().join(format!("ldm-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tensors = vec![
+        (
+            "a.weight".to_string(),
+            vec![2, 3],
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        ),
+        ("b".to_string(), vec![4], vec![-1.0, 0.5, 0.25, 8.0]),
+    ];
+    for lightning in [true, false] {
+        let path = dir.join(format!("t{lightning}.ckpt"));
+        ldm_tests::ckpt::write_torch_checkpoint(&path, &tensors, lightning).unwrap();
+        let sd = ldm::io::StateDict::open(&path).unwrap();
+        assert_eq!(sd.len(), 2);
+        assert_eq!(sd.shape_of("a.weight"), Some(vec![2, 3]));
+        let bytes = sd.get("b").unwrap().to_bytes().unwrap();
+        let vals: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(vals, vec![-1.0, 0.5, 0.25, 8.0]);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -30,6 +30,11 @@ impl ClassEmbedder {
         self
     }
 
+    /// The label that means "no class", if the model has one.
+    pub fn unconditional_label(&self) -> Option<usize> {
+        self.unconditional_label
+    }
+
     /// The unconditional context `[B, 1, embed_dim]` for classifier-free guidance.
     pub fn unconditional(&self, batch: usize) -> crate::Result<Tensor<3>> {
         let label = self.unconditional_label.ok_or_else(|| {

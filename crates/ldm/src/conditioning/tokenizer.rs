@@ -45,6 +45,20 @@ pub struct TextTokenizer {
     pad_id: u32,
 }
 
+/// The CLIP BPE vocabulary and merges (the files every SD v1 checkpoint was trained with) and the
+/// bert-base-uncased WordPiece vocabulary, gzipped into the library so a checkpoint alone suffices.
+const CLIP_VOCAB_GZ: &[u8] = include_bytes!("../../assets/tokenizers/clip/vocab.json.gz");
+const CLIP_MERGES_GZ: &[u8] = include_bytes!("../../assets/tokenizers/clip/merges.txt.gz");
+const BERT_VOCAB_GZ: &[u8] = include_bytes!("../../assets/tokenizers/bert/vocab.txt.gz");
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .expect("embedded tokenizer data is valid gzip");
+    out
+}
+
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let err = |m: String| Error::Read {
         path: path.to_path_buf(),
@@ -110,14 +124,37 @@ impl TextTokenizer {
         merges: impl AsRef<Path>,
     ) -> Result<Self> {
         let (vocab, merges) = (vocab.as_ref(), merges.as_ref());
-        let vocab_json: serde_json::Value = serde_json::from_slice(&read_maybe_gz(vocab)?)
-            .map_err(|e| Error::Read {
+        Self::clip_from_bytes(&read_maybe_gz(vocab)?, &read_maybe_gz(merges)?, vocab)
+    }
+
+    /// The CLIP tokenizer of SD v1 (`openai/clip-vit-large-patch14`), built into the library.
+    pub fn clip_builtin() -> Self {
+        Self::clip_from_bytes(
+            &gunzip(CLIP_VOCAB_GZ),
+            &gunzip(CLIP_MERGES_GZ),
+            Path::new("<built-in CLIP vocabulary>"),
+        )
+        .expect("embedded CLIP tokenizer")
+    }
+
+    /// The bert-base-uncased tokenizer of LDM's `BERTEmbedder`, built into the library.
+    pub fn bert_builtin() -> Self {
+        Self::bert_from_bytes(
+            &gunzip(BERT_VOCAB_GZ),
+            Path::new("<built-in BERT vocabulary>"),
+        )
+        .expect("embedded BERT tokenizer")
+    }
+
+    fn clip_from_bytes(vocab_bytes: &[u8], merges_bytes: &[u8], vocab: &Path) -> Result<Self> {
+        let vocab_json: serde_json::Value =
+            serde_json::from_slice(vocab_bytes).map_err(|e| Error::Read {
                 path: vocab.to_path_buf(),
                 message: format!("vocab.json: {e}"),
             })?;
-        let merges_text = String::from_utf8(read_maybe_gz(merges)?).map_err(|e| Error::Read {
-            path: merges.to_path_buf(),
-            message: e.to_string(),
+        let merges_text = String::from_utf8(merges_bytes.to_vec()).map_err(|e| Error::Read {
+            path: vocab.to_path_buf(),
+            message: format!("merges.txt: {e}"),
         })?;
         let merges_list: Vec<serde_json::Value> = merges_text
             .lines()
@@ -139,7 +176,11 @@ impl TextTokenizer {
     /// BERT tokenizer from a WordPiece `vocab.txt` (optionally `.gz`), lower-casing as bert-base-uncased.
     pub fn bert_from_vocab(vocab: impl AsRef<Path>) -> Result<Self> {
         let path = vocab.as_ref();
-        let text = String::from_utf8(read_maybe_gz(path)?).map_err(|e| Error::Read {
+        Self::bert_from_bytes(&read_maybe_gz(path)?, path)
+    }
+
+    fn bert_from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let text = String::from_utf8(bytes.to_vec()).map_err(|e| Error::Read {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;

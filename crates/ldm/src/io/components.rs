@@ -120,14 +120,17 @@ impl TransformerWrapper {
 impl ClassEmbedder {
     /// Loads `cond_stage_model.embedding.weight` (or bare `embedding.weight`).
     pub fn load_weights(&mut self, state_dict: &StateDict) -> Result<LoadReport> {
+        self.load_weights_with(state_dict, &LoadOptions::default())
+    }
+
+    /// [`load_weights`](Self::load_weights) with options.
+    pub fn load_weights_with(
+        &mut self,
+        state_dict: &StateDict,
+        options: &LoadOptions,
+    ) -> Result<LoadReport> {
         let prefix = state_dict.detect_prefix(&[COND_STAGE_PREFIX]);
-        load_into(
-            self,
-            state_dict,
-            "class embedder",
-            prefix,
-            &LoadOptions::default(),
-        )
+        load_into(self, state_dict, "class embedder", prefix, options)
     }
 }
 

@@ -7,6 +7,18 @@
 //! used are listed in the [`LoadReport`] (and logged). f16/bf16 tensors load into f32 parameters.
 
 mod components;
+mod compvis;
+mod diffusers;
+
+pub use diffusers::{
+    DiffusersModel, DiffusersUnetLayout, load_diffusers_dir, unet_config_from_diffusers,
+    unet_key_to_diffusers,
+};
+
+pub use compvis::{
+    CheckpointOptions, CondStageSpec, FirstStageSpec, KNOWN_BUFFERS, LdmSpec, SUPPORTED_TARGETS,
+    model_shapes,
+};
 
 pub use components::{
     COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, load_clip_text_encoder_dir,
@@ -139,6 +151,53 @@ impl StateDict {
     /// Removes and returns one tensor.
     pub fn remove(&mut self, key: &str) -> Option<PackTensor> {
         self.tensors.remove(key)
+    }
+
+    /// The shape of one tensor.
+    pub fn shape_of(&self, key: &str) -> Option<Vec<usize>> {
+        self.tensors.get(key).map(|t| t.shape.to_vec())
+    }
+
+    /// Inserts (or replaces) a tensor under its name.
+    pub fn insert(&mut self, tensor: PackTensor) {
+        self.tensors.insert(tensor.name.clone(), tensor);
+    }
+
+    /// Replaces every UNet weight `model.diffusion_model.X` by its EMA copy, stored by CompVis'
+    /// `LitEma` as `model_ema.` + `diffusion_model.X` with the dots removed. Returns how many were
+    /// replaced; an error if the checkpoint has no EMA weights or lacks some.
+    pub fn apply_ema(&mut self) -> Result<usize> {
+        let unet: Vec<String> = self
+            .keys()
+            .filter(|k| k.starts_with("model.diffusion_model."))
+            .map(String::from)
+            .collect();
+        if !self.has_prefix("model_ema.") {
+            return Err(Error::Config(format!(
+                "{}: --use-ema, but the checkpoint has no model_ema.* weights (pruned/EMA-only files already hold them in model.diffusion_model.*)",
+                self.source.display()
+            )));
+        }
+        let mut missing = Vec::new();
+        let mut n = 0;
+        for key in unet {
+            let ema_key = format!("model_ema.{}", key["model.".len()..].replace('.', ""));
+            match self.tensors.get(&ema_key).cloned() {
+                Some(mut t) => {
+                    t.name = key.clone();
+                    self.tensors.insert(key, t);
+                    n += 1;
+                }
+                None => missing.push(ema_key),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(Error::MissingKeys {
+                component: "UNet EMA weights".into(),
+                keys: missing,
+            });
+        }
+        Ok(n)
     }
 
     /// True when some key starts with `prefix`.

@@ -4,6 +4,9 @@
 
 mod guidance;
 mod latent_diffusion;
+mod pipeline;
+
+pub use pipeline::{Pipeline, PipelineOptions, load_tokenizer};
 
 pub use guidance::{Conditioning, ConditioningKey, DiffusionModel, DiffusionWrapper, Guided};
 pub use latent_diffusion::{

@@ -1,0 +1,106 @@
+//! `ldm`: generate images with latent diffusion models (CompVis LDM / Stable Diffusion v1) from
+//! CompVis checkpoints + YAML, single-file SD checkpoints or diffusers folders.
+
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Latent diffusion on Burn: txt2img, img2img, inpainting, super-resolution, sampling.
+#[derive(Parser)]
+#[command(name = "ldm", version, about, long_about = None)]
+struct Cli {
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Text to image (text-conditioned models: SD v1, LDM txt2img).
+    Txt2img(commands::Txt2Img),
+    /// Unconditional or class-conditional sampling.
+    Sample(commands::Sample),
+    /// Image to image: noise an init image and denoise it under a prompt.
+    Img2img(commands::Img2Img),
+    /// Inpainting: repaint the white part of a mask.
+    Inpaint(commands::Inpaint),
+    /// Super-resolution with an LDM-SR model (4x for bsr_sr).
+    Upscale(commands::Upscale),
+    /// Round trip through the first stage: image → latent → image.
+    Autoencode(commands::Autoencode),
+    /// Components, parameter counts and the key report of a checkpoint or preset.
+    Inspect(commands::Inspect),
+}
+
+/// Which model to load and where to run it.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint: CompVis/SD `.ckpt` or `.safetensors`, or a diffusers folder.
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// CompVis YAML config (default: recognise the checkpoint's layout among the built-in presets).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Built-in preset instead of a config (sd-v1, ldm-txt2img-1p4B, cin256-v2, celebahq-ldm-vq-4,
+    /// lsun_churches-ldm-kl-8, bsr_sr, inpainting_big).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Tokenizer file (tokenizer.json, CLIP vocab.json + merges.txt, BERT vocab.txt); default: built in.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Use the EMA weights (`model_ema.*`) of a training checkpoint.
+    #[arg(long)]
+    pub use_ema: bool,
+    /// Continue when the checkpoint lacks parameters (they stay random; logged).
+    #[arg(long)]
+    pub allow_missing: bool,
+    /// Device: cpu, ndarray, wgpu[:cpu|:N], vulkan, cuda[:N] (the backend must be compiled in).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = if cli.quiet {
+        "warn"
+    } else {
+        match cli.verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| format!("warn,ldm={level},ldm_cli={level}").into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Txt2img(a) => commands::txt2img(a),
+        Command::Sample(a) => commands::sample(a),
+        Command::Img2img(a) => commands::img2img(a),
+        Command::Inpaint(a) => commands::inpaint(a),
+        Command::Upscale(a) => commands::upscale(a),
+        Command::Autoencode(a) => commands::autoencode(a),
+        Command::Inspect(a) => commands::inspect(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
