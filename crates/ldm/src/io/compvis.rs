@@ -782,9 +782,6 @@ impl LdmSpec {
                 stray.join(", ")
             );
         }
-        for r in &reports {
-            tracing::info!("{r}");
-        }
         Ok((model, reports))
     }
 }

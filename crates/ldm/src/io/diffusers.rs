@@ -607,7 +607,14 @@ pub fn load_diffusers_dir(
     };
     let reports = vec![unet_report, vae_report, clip_report];
     for r in &reports {
-        tracing::info!("{r}");
+        if !r.unused.is_empty() {
+            tracing::warn!(
+                "{}: {} unused key(s): {}",
+                r.component,
+                r.unused.len(),
+                r.unused.join(", ")
+            );
+        }
     }
     Ok(DiffusersModel {
         model,

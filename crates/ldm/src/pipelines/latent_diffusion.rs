@@ -304,20 +304,36 @@ impl LatentDiffusion {
     /// Text-to-image: one image per prompt, guided away from `negative_prompt` (or the empty
     /// prompt) with `guidance_scale`.
     ///
-    /// ```no_run
+    /// ```
     /// # fn main() -> ldm::Result<()> {
-    /// # let model: ldm::pipelines::LatentDiffusion = todo!();
+    /// use ldm::io::LdmSpec;
     /// use ldm::schedulers::{SamplerKind, SamplerOptions, SeededNoise};
     ///
+    /// let device = ldm::device::parse_device("cpu")?;
+    /// // A real model: `ldm::pipelines::Pipeline::from_files("sd-v1-5.safetensors", ..)?.model`.
+    /// // Here a tiny one with random weights, built from a CompVis YAML.
+    /// let model = LdmSpec::from_yaml_str(r#"
+    /// model:
+    ///   target: ldm.models.diffusion.ddpm.LatentDiffusion
+    ///   params: {conditioning_key: crossattn, scale_factor: 0.18215, linear_start: 0.00085, linear_end: 0.012,
+    ///     unet_config: {target: ldm.modules.diffusionmodules.openaimodel.UNetModel, params: {image_size: 8,
+    ///       in_channels: 4, out_channels: 4, model_channels: 32, attention_resolutions: [1], num_res_blocks: 1,
+    ///       channel_mult: [1], num_heads: 1, use_spatial_transformer: true, context_dim: 64}},
+    ///     first_stage_config: {target: ldm.models.autoencoder.AutoencoderKL, params: {embed_dim: 4,
+    ///       ddconfig: {double_z: true, z_channels: 4, ch: 32, ch_mult: [1, 1], num_res_blocks: 1, attn_resolutions: []}}},
+    ///     cond_stage_config: {target: ldm.modules.encoders.modules.BERTEmbedder, params: {n_embed: 64, n_layer: 1}}}
+    /// "#)?.build_uninit(&device)?;
+    ///
     /// let out = model.txt2img(
-    ///     &["a photograph of an astronaut riding a horse"],
+    ///     &["a red circle on a blue background"],
     ///     None,                                        // negative prompt
-    ///     512, 512, 7.5,                               // height, width, guidance scale
-    ///     SamplerOptions::new(SamplerKind::Ddim, 50),
+    ///     16, 16, 7.5,                                 // height, width, guidance scale
+    ///     SamplerOptions::new(SamplerKind::Ddim, 5),
     ///     &mut SeededNoise::new(42),
     ///     None,                                        // per-step callback
     /// )?;
     /// let (w, h, rgb) = &out.to_rgb8()[0];
+    /// assert_eq!((*w, *h, rgb.len()), (16, 16, 16 * 16 * 3));
     /// # Ok(()) }
     /// ```
     #[allow(clippy::too_many_arguments)]
