@@ -19,6 +19,13 @@ pub fn fixture_path(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Path of a file the library ships (`crates/ldm/assets/...`, e.g. the embedded vocabularies).
+pub fn asset_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../crates/ldm/assets")
+        .join(name)
+}
+
 /// The device the tests run on (`LDM_TEST_DEVICE`, default `cpu` = Flex).
 pub fn device() -> Device {
     let spec = std::env::var("LDM_TEST_DEVICE").unwrap_or_else(|_| "cpu".to_string());

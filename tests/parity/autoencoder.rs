@@ -1,4 +1,6 @@
 //! First stage vs CompVis `model.py` / `autoencoder.py` / `distributions.py` and taming `VectorQuantizer2`.
+//! Weights of the blocks and the KL model are synthetic (see `ldm_tests::synthetic`); the VQ model's
+//! come from a torch pickle (`ae_vq.ckpt`). Inputs and outputs come from the reference.
 
 use burn::tensor::Tensor;
 use ldm::io::StateDict;
@@ -10,6 +12,7 @@ use ldm::models::autoencoder::{
     AutoencoderKL, AutoencoderKLConfig, DdConfig, DiagonalGaussianDistribution, VQModel,
     VQModelConfig,
 };
+use ldm_tests::synthetic;
 use ldm_tests::{Fixture, assert_close, device, fixture_path};
 
 fn ddconfig(fx: &Fixture) -> DdConfig {
@@ -38,7 +41,8 @@ fn meta_usize(fx: &Fixture, key: &str) -> usize {
     fx.meta_json(key).parse().unwrap()
 }
 
-/// Loads a unit block from `ae_blocks.safetensors` and checks it on the stored input.
+/// Loads a unit block (synthetic weights of case `name`, keys under `{name}.`) and checks it on the
+/// input stored in `ae_blocks.safetensors`.
 fn check_block<M: burn::module::Module>(
     name: &str,
     mut module: M,
@@ -46,7 +50,7 @@ fn check_block<M: burn::module::Module>(
 ) {
     let device = device();
     let fx = Fixture::open("ae_blocks.safetensors");
-    let sd = StateDict::open(fixture_path("ae_blocks.safetensors")).unwrap();
+    let sd = synthetic::state_dict(&fx, name, &format!("{name}."));
     let report = load_into(
         &mut module,
         &sd,
@@ -134,7 +138,7 @@ fn downsample_asymmetric_pad_and_avg_pool() {
 fn wrong_groupnorm_eps_is_caught() {
     let device = device();
     let fx = Fixture::open("ae_blocks.safetensors");
-    let sd = StateDict::open(fixture_path("ae_blocks.safetensors")).unwrap();
+    let sd = synthetic::state_dict(&fx, "resnet_same", "resnet_same.");
     let mut block = ResnetBlockConfig::new(32, 32)
         .with_norm_eps(1e-5)
         .init(&device);
@@ -161,7 +165,8 @@ fn kl_model() -> (Fixture, AutoencoderKL) {
     let cfg = AutoencoderKLConfig::new(ddconfig(&fx), meta_usize(&fx, "embed_dim"));
     cfg.validate().unwrap();
     let mut model = cfg.init(&device);
-    let sd = StateDict::open(fixture_path("ae_kl.safetensors")).unwrap();
+    // Full CompVis prefix: exercises prefix detection and every key of the module tree.
+    let sd = synthetic::state_dict(&fx, "kl", "first_stage_model.");
     let report = model.load_weights(&sd).unwrap();
     assert_eq!(report.prefix, "first_stage_model.");
     assert!(report.unused.is_empty(), "{report}");
@@ -319,7 +324,7 @@ fn symmetric_downsample_padding_is_caught() {
     use burn::tensor::ops::ConvOptions;
     let device = device();
     let fx = Fixture::open("ae_blocks.safetensors");
-    let sd = StateDict::open(fixture_path("ae_blocks.safetensors")).unwrap();
+    let sd = synthetic::state_dict(&fx, "downsample", "downsample.");
     let mut down = Downsample::new(32, true, &device);
     load_into(
         &mut down,

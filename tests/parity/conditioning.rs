@@ -9,7 +9,7 @@ use ldm::conditioning::{
 };
 use ldm::io::parameter_shapes;
 use ldm_tests::synthetic;
-use ldm_tests::{Fixture, TOL, assert_close, device, fixture_path, relative_error};
+use ldm_tests::{Fixture, TOL, assert_close, asset_path, device, fixture_path, relative_error};
 
 const FILE: &str = "conditioning.safetensors";
 
@@ -19,6 +19,7 @@ fn prompts(fx: &Fixture) -> Vec<String> {
 
 fn clip_tokenizers() -> Vec<(&'static str, TextTokenizer)> {
     let dir = fixture_path("tokenizers/clip");
+    let assets = asset_path("tokenizers/clip");
     vec![
         (
             "tokenizer.json",
@@ -27,8 +28,8 @@ fn clip_tokenizers() -> Vec<(&'static str, TextTokenizer)> {
         (
             "vocab.json + merges.txt",
             TextTokenizer::clip_from_vocab_merges(
-                dir.join("vocab.json.gz"),
-                dir.join("merges.txt.gz"),
+                assets.join("vocab.json.gz"),
+                assets.join("merges.txt.gz"),
             )
             .unwrap(),
         ),
@@ -44,7 +45,7 @@ fn bert_tokenizers() -> Vec<(&'static str, TextTokenizer)> {
         ),
         (
             "vocab.txt",
-            TextTokenizer::bert_from_vocab(dir.join("vocab.txt.gz")).unwrap(),
+            TextTokenizer::bert_from_vocab(asset_path("tokenizers/bert/vocab.txt.gz")).unwrap(),
         ),
     ]
 }

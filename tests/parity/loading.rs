@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use ldm::Error;
 use ldm::io::StateDict;
 use ldm::models::autoencoder::{AutoencoderKLConfig, DdConfig};
-use ldm_tests::{device, fixture_path};
-use safetensors::SafeTensors;
+use ldm_tests::{Fixture, device, fixture_path, synthetic};
 use safetensors::tensor::TensorView;
 
 fn kl_config() -> AutoencoderKLConfig {
@@ -23,18 +22,38 @@ fn kl_config() -> AutoencoderKLConfig {
     )
 }
 
-/// Writes a copy of the KL fixture's weights with `edit` applied to the key → view map.
+/// Writes the KL fixture's (synthetic, see `ldm_tests::synthetic`) weights under
+/// `first_stage_model.` as a safetensors file, with `edit` applied to the key → view map.
 fn edited_copy(
     name: &str,
     edit: impl FnOnce(&mut HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>),
 ) -> std::path::PathBuf {
-    let bytes = std::fs::read(fixture_path("ae_kl.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut map: HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("first_stage_model."))
-        .map(|(k, v)| (k, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+    let fx = Fixture::open("ae_kl.safetensors");
+    let spec: serde_json::Value = serde_json::from_str(&fx.meta_json("kl.weights")).unwrap();
+    let seed: u64 = fx.meta_json("kl.seed").trim().parse().unwrap();
+    let mut map: HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = spec
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| {
+            let key = entry[0].as_str().unwrap();
+            let shape: Vec<usize> = entry[1]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            let n = shape.iter().product();
+            let (offset, scale) = (entry[2].as_f64().unwrap(), entry[3].as_f64().unwrap());
+            let bytes: Vec<u8> = synthetic::values(seed, key, n, offset, scale)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            (
+                format!("first_stage_model.{key}"),
+                (safetensors::Dtype::F32, shape, bytes),
+            )
+        })
         .collect();
     edit(&mut map);
     let views: Vec<(String, TensorView)> = map

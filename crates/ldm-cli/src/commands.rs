@@ -206,6 +206,7 @@ fn load(args: &ModelArgs) -> Result<(Pipeline, Device)> {
             tokenizer: args.tokenizer.clone(),
             use_ema: args.use_ema,
             allow_missing: args.allow_missing,
+            precision: args.precision,
         },
         &device,
     )
@@ -287,7 +288,7 @@ fn run_batches(
         for (b, (request, describe)) in requests.iter().enumerate() {
             let [_, _, h, w] = request.shape;
             let text = format!(
-                "{describe}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {hash}, Model: {}, Eta: {}",
+                "{describe}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {hash}, Model: {}, Eta: {}, Precision: {:?}",
                 s.steps,
                 s.sampler,
                 request.guidance_scale,
@@ -295,7 +296,8 @@ fn run_batches(
                 w * pipe.model.downsample,
                 h * pipe.model.downsample,
                 pipe.name,
-                s.eta
+                s.eta,
+                pipe.model.model.unet.dtype()
             );
             let steps = request
                 .sampler

@@ -66,6 +66,10 @@ pub struct ModelArgs {
     /// Device: cpu, ndarray, wgpu[:cpu|:N], vulkan, cuda[:N] (the backend must be compiled in).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// UNet precision: f32, f16, bf16 (norm statistics and softmax stay f32; the text encoder,
+    /// autoencoder and sampler run in f32). Needs backend support (CUDA, wgpu with shader-f16; Flex: f16).
+    #[arg(long, default_value = "f32")]
+    pub precision: ldm::device::Precision,
 }
 
 fn main() -> ExitCode {

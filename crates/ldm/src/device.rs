@@ -154,3 +154,74 @@ mod tests {
         assert!(err.to_string().contains("--features cuda"), "{err}");
     }
 }
+
+/// Compute precision of the denoiser (`--precision`). Norm statistics and attention softmax stay in
+/// f32 whatever the setting; the text encoder, the first stage and the sampler arithmetic run in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Full precision.
+    #[default]
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl Precision {
+    /// The tensor dtype.
+    pub fn dtype(self) -> burn::tensor::FloatDType {
+        match self {
+            Self::F32 => burn::tensor::FloatDType::F32,
+            Self::F16 => burn::tensor::FloatDType::F16,
+            Self::Bf16 => burn::tensor::FloatDType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" | "full" => Ok(Self::F32),
+            "f16" | "fp16" | "float16" | "half" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            other => Err(Error::Config(format!(
+                "unknown precision `{other}` (expected f32, f16 or bf16)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+/// Casts every float parameter of a module to `dtype` (keeping trainability on autodiff devices).
+pub fn cast_module<M: burn::module::Module>(module: M, dtype: burn::tensor::FloatDType) -> M {
+    struct Cast(burn::tensor::FloatDType);
+    impl burn::module::ModuleMapper for Cast {
+        fn map_float<const D: usize>(
+            &mut self,
+            p: burn::module::Param<burn::tensor::Tensor<D>>,
+        ) -> burn::module::Param<burn::tensor::Tensor<D>> {
+            let rg = p.is_require_grad();
+            let dt = self.0;
+            p.map(move |t| {
+                let t = t.cast(dt).detach();
+                if rg && t.is_autodiff() {
+                    t.require_grad()
+                } else {
+                    t
+                }
+            })
+        }
+    }
+    module.map(&mut Cast(dtype))
+}

@@ -37,6 +37,13 @@ pub fn scaled_dot_product(
     scale: f64,
     mode: AttentionMode,
 ) -> Tensor<4> {
+    // Softmax stays in f32 under reduced precision.
+    let dtype = q.dtype();
+    if dtype != burn::tensor::DType::F32 {
+        let f32 = burn::tensor::FloatDType::F32;
+        let out = scaled_dot_product(q.cast(f32), k.cast(f32), v.cast(f32), scale, mode);
+        return out.cast(burn::tensor::FloatDType::from(dtype));
+    }
     let [b, h, lq, _] = q.dims();
     let lk = k.dims()[2];
     let options = AttentionModuleOptions {

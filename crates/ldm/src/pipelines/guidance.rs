@@ -151,6 +151,10 @@ impl DiffusionModel for DiffusionWrapper {
         let b = x.dims()[0];
         let device = x.device();
         let t = Tensor::<1>::full([b], t, &device);
+        // Reduced-precision UNets take their input in their dtype; the sampler stays in f32.
+        let dtype: burn::tensor::FloatDType = self.unet.dtype().into();
+        let f32_out = |r: Result<Tensor<4>>| r.map(|o| o.cast(burn::tensor::FloatDType::F32));
+        let x = x.cast(dtype);
         let need = |what: &str, present: bool| -> Result<()> {
             if present {
                 Ok(())
@@ -171,9 +175,9 @@ impl DiffusionModel for DiffusionWrapper {
                     got: cd.to_vec(),
                 });
             }
-            Ok(Tensor::cat(vec![x, c], 1))
+            Ok(Tensor::cat(vec![x, c.cast(dtype)], 1))
         };
-        match self.key {
+        f32_out(match self.key {
             ConditioningKey::None => self.unet.try_forward(x, t, None, None),
             ConditioningKey::Crossattn => {
                 need("context", cond.context.is_some())?;
@@ -193,7 +197,7 @@ impl DiffusionModel for DiffusionWrapper {
                 need("y", cond.y.is_some())?;
                 self.unet.try_forward(x, t, None, cond.y.clone())
             }
-        }
+        })
     }
 }
 

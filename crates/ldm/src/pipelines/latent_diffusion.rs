@@ -197,6 +197,22 @@ impl LatentDiffusion {
         self.model.unet.devices()[0].clone()
     }
 
+    /// Runs the UNet in `precision` (its weights are cast; norm statistics and attention softmax
+    /// stay f32, as do the text encoder, the first stage and the sampler). Errors if the device
+    /// does not support the dtype.
+    pub fn with_precision(mut self, precision: crate::device::Precision) -> Result<Self> {
+        let dtype = precision.dtype();
+        let device = self.device();
+        if !device.supports_dtype(burn::tensor::DType::from(dtype)) {
+            return Err(Error::Config(format!(
+                "precision {precision} is not supported by this device/backend"
+            )));
+        }
+        let unet = self.model.unet;
+        self.model.unet = crate::device::cast_module(unet, dtype);
+        Ok(self)
+    }
+
     /// The conditioning key.
     pub fn conditioning_key(&self) -> ConditioningKey {
         self.model.key

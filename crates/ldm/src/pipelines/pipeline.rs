@@ -26,6 +26,8 @@ pub struct PipelineOptions {
     pub use_ema: bool,
     /// Keep going when parameters are missing (they stay random; logged).
     pub allow_missing: bool,
+    /// Compute precision of the UNet (see [`LatentDiffusion::with_precision`]).
+    pub precision: crate::device::Precision,
 }
 
 /// A loaded model and where it came from.
@@ -83,7 +85,7 @@ impl Pipeline {
                 },
             )?;
             return Ok(Self {
-                model: m.model,
+                model: m.model.with_precision(options.precision)?,
                 name: format!("diffusers:{}", path.display()),
                 source: path.to_path_buf(),
                 spacing: m.spacing,
@@ -117,7 +119,7 @@ impl Pipeline {
             device,
         )?;
         Ok(Self {
-            model,
+            model: model.with_precision(options.precision)?,
             name: spec.name.clone(),
             source: path.to_path_buf(),
             spacing: TimestepSpacing::Leading,

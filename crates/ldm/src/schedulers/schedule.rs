@@ -244,10 +244,11 @@ pub fn ddim_tables_for(
     let t_max = schedule.timesteps();
     if timesteps.is_empty()
         || timesteps.iter().any(|&t| t >= t_max)
-        || timesteps.windows(2).any(|w| w[0] >= w[1])
+        || timesteps.windows(2).any(|w| w[0] > w[1])
     {
+        // Non-decreasing, not strictly: the reference's `quad` selection repeats small timesteps.
         return Err(Error::Config(format!(
-            "DDIM timesteps must be non-empty, strictly increasing and below {t_max}, got {timesteps:?}"
+            "DDIM timesteps must be non-empty, increasing and below {t_max}, got {timesteps:?}"
         )));
     }
     let acp = |i: usize| schedule.alphas_cumprod[i] as f32 as f64;

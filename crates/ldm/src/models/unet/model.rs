@@ -253,7 +253,10 @@ impl UNetModel {
         context: Option<Tensor<3>>,
         y: Option<Tensor<1, Int>>,
     ) -> Tensor<4> {
-        let t_emb = timestep_embedding(timesteps, self.model_channels, 10000.0);
+        // Reduced precision: the embedding and context follow the weights' dtype.
+        let dtype: burn::tensor::FloatDType = x.dtype().into();
+        let t_emb = timestep_embedding(timesteps, self.model_channels, 10000.0).cast(dtype);
+        let context = context.map(|c| c.cast(dtype));
         let mut emb = self
             .time_embed
             .2
@@ -362,6 +365,11 @@ impl UNetModel {
     /// Input channels.
     pub fn in_channels(&self) -> usize {
         self.in_channels
+    }
+
+    /// The dtype of the weights (f32 unless cast for reduced precision).
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.time_embed.0.weight.val().dtype()
     }
 
     /// Output channels.
