@@ -643,7 +643,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -653,22 +653,22 @@ fn thousands(n: usize) -> String {
 
 pub fn inspect(a: Inspect) -> Result<()> {
     let device = device(&a.device)?;
-    if let Some(path) = &a.ckpt {
-        if path.is_dir() {
-            let pipe = Pipeline::from_files(
-                path,
-                &PipelineOptions {
-                    allow_missing: true,
-                    ..Default::default()
-                },
-                &device,
-            )?;
-            print_model(&pipe.name, &pipe.model);
-            for r in &pipe.reports {
-                println!("{r}");
-            }
-            return Ok(());
+    if let Some(path) = &a.ckpt
+        && path.is_dir()
+    {
+        let pipe = Pipeline::from_files(
+            path,
+            &PipelineOptions {
+                allow_missing: true,
+                ..Default::default()
+            },
+            &device,
+        )?;
+        print_model(&pipe.name, &pipe.model);
+        for r in &pipe.reports {
+            println!("{r}");
         }
+        return Ok(());
     }
     let state_dict = a.ckpt.as_ref().map(StateDict::open).transpose()?;
     let spec = match (&a.config, &a.preset, &state_dict) {

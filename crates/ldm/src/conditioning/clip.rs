@@ -99,7 +99,7 @@ impl ClipTextConfig {
                 }
             };
         }
-        if c.hidden_size % c.num_attention_heads != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(Error::Config(
                 "hidden_size must be divisible by num_attention_heads".into(),
             ));

@@ -122,10 +122,10 @@ pub fn unet_config_from_diffusers(path: &Path) -> Result<(UNetConfig, DiffusersU
             )));
         }
     }
-    if let Some(m) = get("mid_block_type").and_then(Value::as_str) {
-        if m != "UNetMidBlock2DCrossAttn" {
-            return Err(e(&format!("unsupported mid block `{m}`")));
-        }
+    if let Some(m) = get("mid_block_type").and_then(Value::as_str)
+        && m != "UNetMidBlock2DCrossAttn"
+    {
+        return Err(e(&format!("unsupported mid block `{m}`")));
     }
     let check = |k: &str, ok: &dyn Fn(&Value) -> bool, what: &str| -> Result<()> {
         match get(k) {

@@ -87,7 +87,7 @@ impl StateDict {
                     if let Some(top) = top {
                         store = store.with_top_level_key(top);
                     }
-                    store.get_all_tensors().map(|t| t.clone()).map_err(|e| e.to_string())
+                    store.get_all_tensors().cloned().map_err(|e| e.to_string())
                 };
                 match pickle(Some("state_dict")) {
                     Ok(t) => t,

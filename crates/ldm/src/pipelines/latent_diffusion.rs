@@ -221,7 +221,11 @@ impl LatentDiffusion {
     /// Latent shape for `batch` images of `height` × `width` pixels.
     pub fn latent_shape(&self, batch: usize, height: usize, width: usize) -> Result<[usize; 4]> {
         let multiple = self.downsample * self.model.unet.spatial_multiple();
-        if height == 0 || width == 0 || height % multiple != 0 || width % multiple != 0 {
+        if height == 0
+            || width == 0
+            || !height.is_multiple_of(multiple)
+            || !width.is_multiple_of(multiple)
+        {
             return Err(Error::Input(format!(
                 "height and width must be positive multiples of {multiple} for this model \
                  (first stage factor {} × UNet downsampling {}), got {height}x{width}",
@@ -640,14 +644,14 @@ pub fn run_request(
     callback: Option<&mut dyn FnMut(StepInfo<'_>)>,
 ) -> Result<Tensor<4>> {
     let shape = request.shape;
-    if let Some(b) = request.cond.batch() {
-        if b != shape[0] {
-            return Err(Error::Shape {
-                what: "conditioning batch".into(),
-                expected: format!("{}", shape[0]),
-                got: vec![b],
-            });
-        }
+    if let Some(b) = request.cond.batch()
+        && b != shape[0]
+    {
+        return Err(Error::Shape {
+            what: "conditioning batch".into(),
+            expected: format!("{}", shape[0]),
+            got: vec![b],
+        });
     }
     let mut scheduler = request.sampler.build(schedule, parameterization)?;
     let n = scheduler.num_steps();

@@ -83,14 +83,14 @@ impl DdConfig {
         }
         for m in &self.ch_mult {
             let c = self.ch * m;
-            if c == 0 || c % self.norm_groups != 0 {
+            if c == 0 || !c.is_multiple_of(self.norm_groups) {
                 return err(format!(
                     "channel count {c} (ch {} x mult {m}) is not a multiple of {} GroupNorm groups",
                     self.ch, self.norm_groups
                 ));
             }
         }
-        if self.ch % self.norm_groups != 0 {
+        if !self.ch.is_multiple_of(self.norm_groups) {
             return err(format!(
                 "ch {} is not a multiple of {} GroupNorm groups",
                 self.ch, self.norm_groups

@@ -41,14 +41,14 @@ impl AttentionBlock {
         let heads = if num_head_channels == -1 {
             num_heads
         } else {
-            if num_head_channels <= 0 || channels % num_head_channels as usize != 0 {
+            if num_head_channels <= 0 || !channels.is_multiple_of(num_head_channels as usize) {
                 return Err(crate::Error::Config(format!(
                     "attention channels {channels} are not divisible by num_head_channels {num_head_channels}"
                 )));
             }
             (channels / num_head_channels as usize) as isize
         };
-        if heads <= 0 || channels % heads as usize != 0 {
+        if heads <= 0 || !channels.is_multiple_of(heads as usize) {
             return Err(crate::Error::Config(format!(
                 "attention channels {channels} do not split into {heads} heads"
             )));

@@ -85,7 +85,7 @@ impl UNetConfig {
             return err("channel_mult must not be empty");
         }
         for m in &self.channel_mult {
-            if (self.model_channels * m) % 32 != 0 {
+            if !(self.model_channels * m).is_multiple_of(32) {
                 return err("model_channels x channel_mult must be multiples of 32 (GroupNorm32)");
             }
         }
