@@ -4,6 +4,7 @@
 mod autoencoder;
 mod conditioning;
 mod loading;
+mod losses;
 mod pipelines;
 mod presets;
 mod samplers;

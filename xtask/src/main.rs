@@ -18,6 +18,7 @@ const GENERATORS: &[&str] = &[
     "gen_samplers.py",
     "gen_diffusers.py",
     "gen_pipelines.py",
+    "gen_losses.py",
 ];
 
 fn main() -> Result<()> {
@@ -28,7 +29,7 @@ fn main() -> Result<()> {
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
-                 tasks:\n  fixtures [NAME..]  regenerate tests/fixtures from the reference (NAME: autoencoder, unet, conditioning, schedules, samplers, diffusers, pipelines;\n                     tokenizer data: python3 xtask/fixtures/build_tokenizers.py, see its docstring)\n  \
+                 tasks:\n  fixtures [NAME..]  regenerate tests/fixtures from the reference (NAME: autoencoder, unet, conditioning, schedules, samplers, diffusers, pipelines, losses;\n                     tokenizer data: python3 xtask/fixtures/build_tokenizers.py, see its docstring)\n  \
                  ci                 run .ci/run\n\n\
                  fixtures needs LDM_REFERENCE and TAMING_REFERENCE (and SD2_REFERENCE for the UNet) pointing to\n\
                  checkouts of CompVis/latent-diffusion, CompVis/taming-transformers, Stability-AI/stablediffusion;\n\

@@ -25,6 +25,7 @@ pub mod conditioning;
 pub mod device;
 pub mod error;
 pub mod io;
+pub mod losses;
 pub mod models;
 pub mod nn;
 pub mod pipelines;
