@@ -30,6 +30,8 @@ pub mod models;
 pub mod nn;
 pub mod pipelines;
 pub mod schedulers;
+#[cfg(feature = "train")]
+pub mod training;
 
 pub use burn;
 pub use error::{Error, Result};

@@ -160,6 +160,11 @@ pub struct LastLayer<'a> {
 }
 
 impl PerceptualLoss {
+    /// The step from which the GAN terms count.
+    pub fn disc_start(&self) -> usize {
+        self.disc_start
+    }
+
     /// Pixel + perceptual reconstruction term per element, `[B, C, H, W]` (`rec_loss` before reduction).
     fn rec_loss(&self, inputs: Tensor<4>, recon: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let l1 = (inputs.clone() - recon.clone()).abs();
