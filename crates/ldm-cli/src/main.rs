@@ -3,6 +3,7 @@
 
 mod commands;
 mod output;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,9 @@ enum Command {
     Autoencode(commands::Autoencode),
     /// Components, parameter counts and the key report of a checkpoint or preset.
     Inspect(commands::Inspect),
+    /// Train a first stage or a latent diffusion model (Burn's Learner and its dashboard).
+    #[command(subcommand)]
+    Train(train::Train),
 }
 
 /// Which model to load and where to run it.
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
         Command::Upscale(a) => commands::upscale(a),
         Command::Autoencode(a) => commands::autoencode(a),
         Command::Inspect(a) => commands::inspect(a),
+        Command::Train(t) => train::run(t),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

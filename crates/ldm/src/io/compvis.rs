@@ -110,6 +110,16 @@ pub struct LdmSpec {
     pub parameterization: Parameterization,
     /// `use_ema` in the config.
     pub use_ema: bool,
+    /// Training: the first stage's own checkpoint (`first_stage_config.params.ckpt_path`).
+    pub first_stage_ckpt: Option<PathBuf>,
+    /// Training: whether the conditioning encoder is trained (`cond_stage_trainable`).
+    pub cond_stage_trainable: bool,
+    /// Training: `scale_by_std` (scale_factor = 1/std of the first batch's latents).
+    pub scale_by_std: bool,
+    /// Training: `loss_type` (`l2` or `l1`).
+    pub loss_type: String,
+    /// Training: `base_learning_rate`.
+    pub base_learning_rate: Option<f64>,
 }
 
 fn cfg_err(what: impl Into<String>) -> Error {
@@ -372,6 +382,77 @@ fn cond_stage_from(v: &Value, config_dir: Option<&Path>) -> Result<CondStageSpec
     })
 }
 
+/// A CompVis first-stage training config (`configs/autoencoder/*.yaml`: `model.target`
+/// `ldm.models.autoencoder.AutoencoderKL` / `VQModel`, `params.ddconfig`, `params.lossconfig`):
+/// the model, the loss settings and `base_learning_rate`.
+pub fn autoencoder_training_config(
+    path: &Path,
+) -> Result<(
+    FirstStageSpec,
+    crate::losses::PerceptualLossConfig,
+    Option<f64>,
+)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let yaml: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|e| cfg_err(format!("not valid YAML: {e}")))?;
+    let root: Value = serde_json::to_value(yaml).map_err(|e| cfg_err(e.to_string()))?;
+    let model = root
+        .get("model")
+        .ok_or_else(|| cfg_err("no top-level `model` section"))?;
+    let spec = first_stage_from(model)?;
+    let p = Params::of(model, "model");
+    let loss = p
+        .get("lossconfig")
+        .ok_or_else(|| cfg_err("model.params has no lossconfig"))?;
+    let target = target_of(loss, "lossconfig")?;
+    if !(target.ends_with("LPIPSWithDiscriminator") || target.ends_with("VQLPIPSWithDiscriminator"))
+    {
+        return Err(cfg_err(format!(
+            "unsupported lossconfig target `{target}`; supported: ldm.modules.losses.LPIPSWithDiscriminator, ldm.modules.losses.VQLPIPSWithDiscriminator"
+        )));
+    }
+    let l = Params::of(loss, "lossconfig");
+    let disc_loss = match l
+        .get("disc_loss")
+        .and_then(Value::as_str)
+        .unwrap_or("hinge")
+    {
+        "hinge" => crate::losses::DiscLossKind::Hinge,
+        "vanilla" => crate::losses::DiscLossKind::Vanilla,
+        other => return Err(cfg_err(format!("unknown disc_loss `{other}`"))),
+    };
+    let cfg = crate::losses::PerceptualLossConfig::new(l.usize_or("disc_start", 0)?)
+        .with_logvar_init(l.f64_or("logvar_init", 0.0)?)
+        .with_kl_weight(l.f64_or("kl_weight", 1.0)?)
+        .with_codebook_weight(l.f64_or("codebook_weight", 1.0)?)
+        .with_disc_num_layers(l.usize_or("disc_num_layers", 3)?)
+        .with_disc_in_channels(l.usize_or("disc_in_channels", 3)?)
+        .with_disc_ndf(l.usize_or("disc_ndf", 64)?)
+        .with_disc_factor(l.f64_or("disc_factor", 1.0)?)
+        .with_disc_weight(l.f64_or("disc_weight", 1.0)?)
+        .with_perceptual_weight(l.f64_or("perceptual_weight", 1.0)?)
+        .with_use_actnorm(l.bool_or("use_actnorm", false)?)
+        .with_disc_loss(disc_loss);
+    Ok((
+        spec,
+        cfg,
+        model.get("base_learning_rate").and_then(Value::as_f64),
+    ))
+}
+
+/// `first_stage_config.params.ckpt_path`, resolved against the config's folder if relative.
+fn first_stage_ckpt(v: &Value, config_dir: Option<&Path>) -> Option<PathBuf> {
+    let p = v.get("params")?.get("ckpt_path")?.as_str()?;
+    let path = PathBuf::from(p);
+    if path.is_absolute() || path.exists() {
+        return Some(path);
+    }
+    Some(config_dir.map_or(path.clone(), |d| d.join(&path)))
+}
+
 /// `version` as a local folder: absolute, relative to the working directory, or to the config.
 fn local_dir(version: &str, config_dir: Option<&Path>) -> Option<PathBuf> {
     let p = PathBuf::from(version);
@@ -466,6 +547,15 @@ impl LdmSpec {
             linear_end: p.f64_or("linear_end", 2e-2)?,
             parameterization,
             use_ema: p.bool_or("use_ema", true)?,
+            first_stage_ckpt: first_stage_ckpt(sub("first_stage_config")?, config_dir),
+            cond_stage_trainable: p.bool_or("cond_stage_trainable", false)?,
+            scale_by_std: p.bool_or("scale_by_std", false)?,
+            loss_type: p
+                .get("loss_type")
+                .and_then(Value::as_str)
+                .unwrap_or("l2")
+                .to_string(),
+            base_learning_rate: model.get("base_learning_rate").and_then(Value::as_f64),
         })
     }
 
@@ -491,6 +581,11 @@ impl LdmSpec {
             linear_end: linear.1,
             parameterization: Parameterization::Eps,
             use_ema: false,
+            first_stage_ckpt: None,
+            cond_stage_trainable: false,
+            scale_by_std: false,
+            loss_type: "l2".into(),
+            base_learning_rate: None,
         }
     }
 

@@ -17,7 +17,7 @@ pub use diffusers::{
 
 pub use compvis::{
     CheckpointOptions, CondStageSpec, FirstStageSpec, KNOWN_BUFFERS, LdmSpec, SUPPORTED_TARGETS,
-    model_shapes,
+    autoencoder_training_config, model_shapes,
 };
 
 pub use components::{

@@ -343,6 +343,27 @@ pub struct AutoencoderTrainingConfig {
     pub resume_epoch: Option<usize>,
 }
 
+/// Writes the trained autoencoder as a CompVis-layout `.safetensors` (`first_stage_model.*` keys),
+/// which `ldm train diffusion --first-stage` and `ldm autoencode` read.
+pub fn save_first_stage(model: &AutoencoderTrainer, path: &Path) -> Result<()> {
+    let io = |m: String| Error::Read {
+        path: path.to_path_buf(),
+        message: m,
+    };
+    let bytes = match &model.ae {
+        FirstStageNet::Kl(ae) => super::diffusion::export(&ae.clone().valid()),
+        FirstStageNet::Vq(ae) => super::diffusion::export(&ae.clone().valid()),
+    }
+    .map_err(&io)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(e.to_string()))?;
+    let tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (format!("first_stage_model.{k}"), v))
+        .collect();
+    safetensors::serialize_to_file(tensors, None, path).map_err(|e| io(e.to_string()))
+}
+
 /// What a training run produced.
 #[derive(Debug)]
 pub struct TrainingRun {

@@ -3,4 +3,5 @@
 
 pub mod autoencoder;
 pub mod data;
+pub mod diffusion;
 pub mod metrics;

@@ -1,0 +1,287 @@
+//! `ldm train autoencoder` and `ldm train diffusion`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use ldm::io::{CheckpointOptions, FirstStageSpec, LdmSpec, StateDict, autoencoder_training_config};
+use ldm::losses::PerceptualLoss;
+use ldm::training::autoencoder::{
+    AutoencoderTrainer, AutoencoderTrainingConfig, FirstStageNet, save_first_stage,
+    train_autoencoder,
+};
+use ldm::training::data::{ImageFolder, ImageTransform};
+use ldm::training::diffusion::{
+    DiffusionTrainer, DiffusionTrainingConfig, save_compvis_checkpoint, train_diffusion,
+};
+
+/// What to train.
+#[derive(Subcommand, Debug)]
+pub enum Train {
+    /// A first stage (KL or VQ autoencoder) with L1 (+ LPIPS) + PatchGAN (+ KL / codebook) losses.
+    Autoencoder(TrainAe),
+    /// A latent diffusion model (UNet, optionally its conditioning encoder) on a frozen first stage.
+    Diffusion(TrainLdm),
+}
+
+/// Settings both trainers share.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Image folder (captions: sidecar .txt or metadata.jsonl; classes: sub-folders).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output folder: checkpoints, losses.csv, samples, metric logs.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Image size after resize and crop.
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Random crops (else center).
+    #[arg(long)]
+    pub random_crop: bool,
+    /// Random horizontal flips.
+    #[arg(long)]
+    pub flip: bool,
+    /// Batch size.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Epochs.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Steps per epoch (default: one pass over the data).
+    #[arg(long)]
+    pub steps_per_epoch: Option<usize>,
+    /// Learning rate (default: the config's base_learning_rate × batch size, as CompVis' scale_lr).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Resume from the checkpoint of this epoch in --out.
+    #[arg(long)]
+    pub resume: Option<usize>,
+    /// Seed (data order, noise, initialisation of the run's random draws).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Device (cpu, wgpu, cuda:N, ...).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// `ldm train autoencoder`.
+#[derive(Args, Debug)]
+pub struct TrainAe {
+    /// CompVis autoencoder config (model.target AutoencoderKL / VQModel with a lossconfig).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// torchvision VGG16 weights (`vgg16-397923af.pth`) for LPIPS; without them LPIPS is off.
+    #[arg(long)]
+    pub lpips_vgg: Option<PathBuf>,
+    /// LPIPS `v0.1/vgg.pth` lin weights (from the `lpips` package).
+    #[arg(long)]
+    pub lpips_lin: Option<PathBuf>,
+    /// Write input/reconstruction grids every N steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub sample_every: usize,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// `ldm train diffusion`.
+#[derive(Args, Debug)]
+pub struct TrainLdm {
+    /// CompVis LatentDiffusion config (the same YAML then samples the result).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Fine-tune from a full CompVis/SD checkpoint.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
+    /// The first stage's checkpoint (else the config's first_stage_config.ckpt_path).
+    #[arg(long)]
+    pub first_stage: Option<PathBuf>,
+    /// Warm-up steps (linear from 1e-6 · lr).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Probability of dropping the caption / class (classifier-free guidance).
+    #[arg(long, default_value_t = 0.1)]
+    pub ucg: f64,
+    /// EMA decay of the UNet (0: no EMA).
+    #[arg(long, default_value_t = 0.9999)]
+    pub ema_decay: f64,
+    /// Also train the conditioning encoder (default: the config's cond_stage_trainable).
+    #[arg(long)]
+    pub cond_trainable: bool,
+    /// Gradient accumulation steps.
+    #[arg(long, default_value_t = 1)]
+    pub accumulate: usize,
+    /// Write a DDIM sample grid (the first batch's captions, EMA weights) every N steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub sample_every: usize,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+fn folder(c: &Common) -> Result<ImageFolder> {
+    Ok(ImageFolder::open(
+        &c.data,
+        ImageTransform {
+            size: c.size,
+            random_crop: c.random_crop,
+            random_flip: c.flip,
+        },
+        c.seed,
+    )?)
+}
+
+pub fn run(cmd: Train) -> Result<()> {
+    match cmd {
+        Train::Autoencoder(a) => autoencoder(a),
+        Train::Diffusion(a) => diffusion(a),
+    }
+}
+
+fn autoencoder(a: TrainAe) -> Result<()> {
+    let c = &a.common;
+    let device = ldm::device::parse_device(&c.device)?;
+    let (spec, mut loss_cfg, base_lr) = autoencoder_training_config(&a.config)
+        .with_context(|| format!("reading {}", a.config.display()))?;
+    let lpips_files = match (&a.lpips_vgg, &a.lpips_lin) {
+        (Some(v), Some(l)) => Some((StateDict::open(v)?, StateDict::open(l)?)),
+        (None, None) => None,
+        _ => bail!("give both --lpips-vgg and --lpips-lin, or neither"),
+    };
+    if lpips_files.is_none() && loss_cfg.perceptual_weight > 0.0 {
+        tracing::warn!(
+            "no LPIPS weights (--lpips-vgg, --lpips-lin): the perceptual term is OFF (perceptual_weight {} -> 0)",
+            loss_cfg.perceptual_weight
+        );
+        loss_cfg.perceptual_weight = 0.0;
+    }
+    let mut loss: PerceptualLoss = loss_cfg.init(&device);
+    if let Some((vgg, lin)) = &lpips_files {
+        let r = loss.perceptual_loss.load_weights(&[vgg, lin])?;
+        tracing::info!("{r}");
+    }
+    let ae = match spec {
+        FirstStageSpec::Kl(cfg) => FirstStageNet::Kl(cfg.init(&device)),
+        FirstStageSpec::Vq(cfg) => FirstStageNet::Vq(cfg.init(&device)),
+    };
+    let lr = a
+        .common
+        .lr
+        .unwrap_or(base_lr.unwrap_or(4.5e-6) * c.batch_size as f64);
+    let data = folder(c)?;
+    std::fs::create_dir_all(&c.out)?;
+    let trainer = AutoencoderTrainer::new(ae, loss, &c.out, c.seed, a.sample_every);
+    let cfg = AutoencoderTrainingConfig::new()
+        .with_learning_rate(lr)
+        .with_batch_size(c.batch_size)
+        .with_epochs(c.epochs)
+        .with_steps_per_epoch(c.steps_per_epoch)
+        .with_seed(c.seed)
+        .with_resume_epoch(c.resume);
+    eprintln!(
+        "training the autoencoder: lr {lr:.3e}, {} images, output {}",
+        data.records.len(),
+        c.out.display()
+    );
+    let run = train_autoencoder(trainer, data, &cfg, &c.out, &device)?;
+    let weights = c.out.join("first_stage.safetensors");
+    if weights.exists() {
+        std::fs::remove_file(&weights)?;
+    }
+    save_first_stage(&run.model, &weights)?;
+    eprintln!(
+        "{} steps{}; weights in {} (CompVis layout), checkpoints in {}, per-step losses in {}",
+        run.steps,
+        if run.interrupted {
+            " (interrupted)"
+        } else {
+            ""
+        },
+        weights.display(),
+        c.out.join("checkpoint").display(),
+        c.out.join("losses.csv").display()
+    );
+    Ok(())
+}
+
+fn diffusion(a: TrainLdm) -> Result<()> {
+    let c = &a.common;
+    let device = ldm::device::parse_device(&c.device)?;
+    let spec = LdmSpec::from_yaml_file(&a.config)?;
+    let model = match &a.init_from {
+        Some(init) => {
+            let sd = StateDict::open(init)?;
+            spec.load(&sd, None, &CheckpointOptions::default(), &device)?
+                .0
+        }
+        None => {
+            let mut m = spec.build_uninit(&device)?;
+            let fs = a.first_stage.clone().or(spec.first_stage_ckpt.clone());
+            match fs {
+                Some(path) => {
+                    let sd = StateDict::open(&path)
+                        .with_context(|| format!("first stage {}", path.display()))?;
+                    let r = match &mut m.first_stage {
+                        ldm::pipelines::FirstStage::Kl(ae) => ae.load_weights(&sd)?,
+                        ldm::pipelines::FirstStage::Vq(ae) => ae.load_weights(&sd)?,
+                        ldm::pipelines::FirstStage::Identity => bail!("no first stage"),
+                    };
+                    tracing::info!("{r}");
+                }
+                None => tracing::warn!(
+                    "no first-stage weights (--first-stage or first_stage_config.params.ckpt_path): the autoencoder is RANDOM"
+                ),
+            }
+            m
+        }
+    };
+    let lr = a
+        .common
+        .lr
+        .unwrap_or(spec.base_learning_rate.unwrap_or(1e-4) * c.batch_size as f64);
+    let cfg = DiffusionTrainingConfig::new()
+        .with_learning_rate(lr)
+        .with_warmup_steps(a.warmup)
+        .with_batch_size(c.batch_size)
+        .with_grad_accumulation(a.accumulate)
+        .with_epochs(c.epochs)
+        .with_steps_per_epoch(c.steps_per_epoch)
+        .with_uncond_prob(a.ucg)
+        .with_ema_decay((a.ema_decay > 0.0).then_some(a.ema_decay))
+        .with_cond_trainable(a.cond_trainable || spec.cond_stage_trainable)
+        .with_seed(c.seed)
+        .with_resume_epoch(c.resume)
+        .with_sample_every(a.sample_every)
+        .with_sample_size(c.size);
+    let data = folder(c)?;
+    std::fs::create_dir_all(&c.out)?;
+    let trainer = DiffusionTrainer::new(model, &cfg, spec.scale_by_std, &c.out)?
+        .with_l1_loss(spec.loss_type == "l1");
+    eprintln!(
+        "training the diffusion model: lr {lr:.3e}, {} images, output {}",
+        data.records.len(),
+        c.out.display()
+    );
+    let run = train_diffusion(trainer, data, &cfg, &c.out, &device)?;
+    let ckpt = c.out.join("model.safetensors");
+    if ckpt.exists() {
+        std::fs::remove_file(&ckpt)?;
+    }
+    save_compvis_checkpoint(&run.model, &ckpt)?;
+    let yaml = c.out.join("config.yaml");
+    if a.config.canonicalize().ok() != yaml.canonicalize().ok() {
+        std::fs::copy(&a.config, &yaml)?;
+    }
+    eprintln!(
+        "{} steps{}; model (EMA weights when on) in {} — sample with: ldm txt2img --ckpt {} --config {} --prompt ...",
+        run.steps,
+        if run.interrupted {
+            " (interrupted)"
+        } else {
+            ""
+        },
+        ckpt.display(),
+        ckpt.display(),
+        yaml.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,834 @@
+//! Latent diffusion training and fine-tuning (CompVis `LatentDiffusion.p_losses` /
+//! `training_step`) in Burn's `Learner`: frozen first stage (`scale_factor`, or `scale_by_std` from
+//! the first batch), frozen or trainable conditioning encoder with classifier-free-guidance
+//! dropout (empty caption / null class), ε / x₀ / v targets with an l2 or l1 loss, AdamW with a
+//! linear warm-up, EMA of the UNet with the reference's decay rule
+//! (`min(decay, (1 + n)/(10 + n))`), and a CompVis-layout `.safetensors` checkpoint (EMA weights
+//! written in) that `ldm txt2img` / `ldm sample` load with the training YAML.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use burn::config::Config;
+use burn::data::dataloader::DataLoaderBuilder;
+use burn::data::dataset::Dataset;
+use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::train::{InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
+use rand::{RngExt, SeedableRng};
+
+use super::autoencoder::{FirstStageNet, trainable};
+use super::data::{ImageBatch, ImageBatcher, ImageFolder, ImageItem};
+use super::metrics::{ScalarMetric, Scalars};
+use crate::conditioning::{ClassEmbedder, ClipTextModel, TextTokenizer, TransformerWrapper};
+use crate::error::{Error, Result};
+use crate::models::unet::UNetModel;
+use crate::pipelines::{ConditioningKey, LatentDiffusion};
+use crate::schedulers::Parameterization;
+
+/// The conditioning encoder being used (and maybe trained).
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum CondNet {
+    /// CLIP text encoder.
+    Clip(ClipTextModel),
+    /// LDM BERT.
+    Bert(TransformerWrapper),
+    /// Class embedder.
+    Class(ClassEmbedder),
+    /// Unconditional (a parameter-free placeholder).
+    None(burn::nn::Identity),
+}
+
+#[derive(Debug, Clone)]
+struct DiffState {
+    step: Arc<AtomicUsize>,
+    seed: u64,
+    alphas_cumprod: Arc<Vec<f64>>,
+    parameterization: Parameterization,
+    l1: bool,
+    uncond_prob: f64,
+    scale_factor: Arc<Mutex<f64>>,
+    scale_by_std: bool,
+    key: ConditioningKey,
+    tokenizer: Option<Arc<TextTokenizer>>,
+    null_class: Option<usize>,
+    ema_decay: Option<f64>,
+    ema: Arc<Mutex<Option<(UNetModel, usize)>>>,
+    dir: PathBuf,
+    csv: Arc<Mutex<Option<std::fs::File>>>,
+    schedule: Arc<crate::schedulers::DiffusionSchedule>,
+    downsample: usize,
+    latent_channels: usize,
+    sample_every: usize,
+    sample_size: usize,
+    sample_prompts: Arc<Mutex<Vec<String>>>,
+}
+
+/// UNet (+ conditioning encoder) training model with the frozen first stage.
+#[derive(Module, Debug)]
+pub struct DiffusionTrainer {
+    /// The denoiser (trained).
+    pub unet: UNetModel,
+    /// The conditioning encoder (trained iff `cond_stage_trainable`).
+    pub cond: CondNet,
+    /// The first stage (frozen).
+    pub first_stage: FirstStageNet,
+    #[module(skip)]
+    state: DiffState,
+}
+
+/// Settings of [`train_diffusion`].
+#[derive(Config, Debug)]
+pub struct DiffusionTrainingConfig {
+    /// Peak learning rate (CompVis: `base_learning_rate · batch · GPUs · accumulation`).
+    #[config(default = 1e-4)]
+    pub learning_rate: f64,
+    /// Linear warm-up steps from 1e-6 · lr (`LambdaLinearScheduler`).
+    #[config(default = 0)]
+    pub warmup_steps: usize,
+    /// AdamW weight decay (PyTorch's default).
+    #[config(default = 0.01)]
+    pub weight_decay: f64,
+    /// Batch size.
+    #[config(default = 4)]
+    pub batch_size: usize,
+    /// Gradient accumulation steps.
+    #[config(default = 1)]
+    pub grad_accumulation: usize,
+    /// Epochs.
+    #[config(default = 1)]
+    pub epochs: usize,
+    /// Steps per epoch (default: one pass over the data).
+    pub steps_per_epoch: Option<usize>,
+    /// Probability of dropping the conditioning (classifier-free guidance training).
+    #[config(default = 0.1)]
+    pub uncond_prob: f64,
+    /// EMA decay of the UNet (None: no EMA).
+    pub ema_decay: Option<f64>,
+    /// Train the conditioning encoder too.
+    #[config(default = false)]
+    pub cond_trainable: bool,
+    /// Seed of data order, timesteps, noise and dropout.
+    #[config(default = 42)]
+    pub seed: u64,
+    /// Resume from this epoch's checkpoint in the output folder.
+    pub resume_epoch: Option<usize>,
+    /// Write a DDIM sample grid (EMA weights when on) every N steps (0: never).
+    #[config(default = 0)]
+    pub sample_every: usize,
+    /// Side length of those samples in pixels.
+    #[config(default = 256)]
+    pub sample_size: usize,
+}
+
+struct Ema<'a> {
+    current: Vec<Tensor<1>>,
+    i: usize,
+    one_minus: f64,
+    _p: std::marker::PhantomData<&'a ()>,
+}
+
+impl ModuleMapper for Ema<'_> {
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let cur = self.current[self.i].clone();
+        self.i += 1;
+        let om = self.one_minus;
+        p.map(move |shadow| {
+            let dims = shadow.dims();
+            let c: Tensor<D> = cur.reshape(dims);
+            // shadow −= (1 − decay) · (shadow − param)
+            shadow.clone() - (shadow - c).mul_scalar(om)
+        })
+    }
+}
+
+struct Collect(Vec<Tensor<1>>);
+
+impl ModuleVisitor for Collect {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+        let t = p.val().inner();
+        let n = t.shape().num_elements();
+        self.0.push(t.reshape([n]));
+    }
+}
+
+impl DiffusionTrainer {
+    /// Splits a [`LatentDiffusion`] into the training model (UNet and conditioning encoder
+    /// trainable as configured, first stage frozen).
+    pub fn new(
+        model: LatentDiffusion,
+        config: &DiffusionTrainingConfig,
+        scale_by_std: bool,
+        dir: &Path,
+    ) -> Result<Self> {
+        use crate::pipelines::{CondStage, FirstStage};
+        let (cond, tokenizer, null_class) = match model.cond_stage {
+            CondStage::Clip { model, tokenizer } => {
+                (CondNet::Clip(model), Some(Arc::new(tokenizer)), None)
+            }
+            CondStage::Bert { model, tokenizer } => {
+                (CondNet::Bert(model), Some(Arc::new(tokenizer)), None)
+            }
+            CondStage::Class(e) => {
+                let null = e.unconditional_label();
+                (CondNet::Class(e), None, null)
+            }
+            CondStage::None => (CondNet::None(burn::nn::Identity::new()), None, None),
+            CondStage::Identity | CondStage::FirstStage => {
+                return Err(Error::Config(
+                    "training concat-conditioned models (super-resolution, inpainting) is not supported yet".into(),
+                ));
+            }
+        };
+        if config.uncond_prob > 0.0 && matches!(cond, CondNet::Class(_)) && null_class.is_none() {
+            tracing::warn!("the class embedder has no null class: conditioning dropout is off");
+        }
+        let first_stage = match model.first_stage {
+            FirstStage::Kl(ae) => FirstStageNet::Kl(ae.no_grad()),
+            FirstStage::Vq(ae) => FirstStageNet::Vq(ae.no_grad()),
+            FirstStage::Identity => {
+                return Err(Error::Config("pixel-space models are not supported".into()));
+            }
+        };
+        let cond = if config.cond_trainable {
+            cond
+        } else {
+            cond.no_grad()
+        };
+        Ok(Self {
+            unet: model.model.unet,
+            cond,
+            first_stage,
+            state: DiffState {
+                step: Arc::new(AtomicUsize::new(0)),
+                seed: config.seed,
+                alphas_cumprod: Arc::new(model.schedule.alphas_cumprod.clone()),
+                parameterization: model.parameterization,
+                l1: false,
+                uncond_prob: config.uncond_prob,
+                scale_factor: Arc::new(Mutex::new(model.scale_factor)),
+                scale_by_std,
+                key: model.model.key,
+                tokenizer,
+                null_class,
+                ema_decay: config.ema_decay,
+                ema: Arc::new(Mutex::new(None)),
+                dir: dir.to_path_buf(),
+                csv: Arc::new(Mutex::new(None)),
+                schedule: Arc::new(model.schedule.clone()),
+                downsample: model.downsample,
+                latent_channels: model.latent_channels,
+                sample_every: config.sample_every,
+                sample_size: config.sample_size,
+                sample_prompts: Arc::new(Mutex::new(Vec::new())),
+            },
+        })
+    }
+
+    /// The current weights (EMA UNet when on) as a sampling model.
+    pub fn to_latent_diffusion(&self) -> LatentDiffusion {
+        use crate::pipelines::{CondStage, DiffusionWrapper, FirstStage};
+        let unet = self.ema_unet().unwrap_or_else(|| self.unet.clone().valid());
+        let first_stage = match &self.first_stage {
+            FirstStageNet::Kl(ae) => FirstStage::Kl(ae.clone().valid()),
+            FirstStageNet::Vq(ae) => FirstStage::Vq(ae.clone().valid()),
+        };
+        let tok = || {
+            self.state
+                .tokenizer
+                .as_ref()
+                .map(|t| (**t).clone())
+                .expect("text models carry a tokenizer")
+        };
+        let cond_stage = match &self.cond {
+            CondNet::Clip(m) => CondStage::Clip {
+                model: m.clone().valid(),
+                tokenizer: tok(),
+            },
+            CondNet::Bert(m) => CondStage::Bert {
+                model: m.clone().valid(),
+                tokenizer: tok(),
+            },
+            CondNet::Class(e) => CondStage::Class(e.clone().valid()),
+            CondNet::None(_) => CondStage::None,
+        };
+        LatentDiffusion {
+            model: DiffusionWrapper {
+                unet,
+                key: self.state.key,
+            },
+            first_stage,
+            cond_stage,
+            scale_factor: self.scale_factor(),
+            schedule: (*self.state.schedule).clone(),
+            parameterization: self.state.parameterization,
+            latent_channels: self.state.latent_channels,
+            downsample: self.state.downsample,
+        }
+    }
+
+    /// A DDIM grid (20 steps, guidance 3 when trained with dropout) for the first batch's captions /
+    /// labels, written to `<dir>/samples/step-NNNNNNN.png`.
+    fn write_samples(&self, step: usize) {
+        let prompts = self.state.sample_prompts.lock().expect("lock").clone();
+        let model = self.to_latent_diffusion();
+        let size = self.state.sample_size;
+        let scale = if self.state.uncond_prob > 0.0 {
+            3.0
+        } else {
+            1.0
+        };
+        let sampler =
+            crate::schedulers::SamplerOptions::new(crate::schedulers::SamplerKind::Ddim, 20);
+        let mut noise = crate::schedulers::SeededNoise::new(self.state.seed);
+        let result = match &model.cond_stage {
+            crate::pipelines::CondStage::Clip { .. } | crate::pipelines::CondStage::Bert { .. } => {
+                model.txt2img(&prompts, None, size, size, scale, sampler, &mut noise, None)
+            }
+            crate::pipelines::CondStage::Class(_) => {
+                let labels: Vec<usize> = (0..prompts.len().max(1)).collect();
+                model.sample_classes(
+                    &labels,
+                    self.state.null_class,
+                    scale,
+                    sampler,
+                    &mut noise,
+                    None,
+                )
+            }
+            _ => model.sample_unconditional(prompts.len().max(1), sampler, &mut noise, None),
+        };
+        let out = match result {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!("sampling at step {step} failed: {e}");
+                return;
+            }
+        };
+        let images = out.to_rgb8();
+        let (w, h) = (images[0].0, images[0].1);
+        let mut canvas = image::RgbImage::new((w * images.len()) as u32, h as u32);
+        for (i, (_, _, px)) in images.iter().enumerate() {
+            for y in 0..h {
+                for x in 0..w {
+                    let k = (y * w + x) * 3;
+                    canvas.put_pixel(
+                        (i * w + x) as u32,
+                        y as u32,
+                        image::Rgb([px[k], px[k + 1], px[k + 2]]),
+                    );
+                }
+            }
+        }
+        let dir = self.state.dir.join("samples");
+        let path = dir.join(format!("step-{step:07}.png"));
+        if let Err(e) = std::fs::create_dir_all(&dir)
+            .map_err(|e| e.to_string())
+            .and_then(|_| canvas.save(&path).map_err(|e| e.to_string()))
+        {
+            tracing::warn!("cannot write {}: {e}", path.display());
+        }
+    }
+
+    /// Uses the l1 loss instead of l2 (`loss_type: l1`).
+    pub fn with_l1_loss(mut self, l1: bool) -> Self {
+        self.state.l1 = l1;
+        self
+    }
+
+    /// The latent scale in use (after `scale_by_std`, if any).
+    pub fn scale_factor(&self) -> f64 {
+        *self.state.scale_factor.lock().expect("lock")
+    }
+
+    /// The EMA UNet, if EMA is on and a step was taken.
+    pub fn ema_unet(&self) -> Option<UNetModel> {
+        self.state
+            .ema
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .map(|(m, _)| m.clone())
+    }
+
+    fn rng(&self, step: usize, stream: u64) -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(
+            self.state.seed
+                ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03),
+        )
+    }
+
+    fn encode(&self, x: Tensor<4>, step: usize) -> Tensor<4> {
+        let z = match &self.first_stage {
+            FirstStageNet::Kl(ae) => {
+                let post = ae.encode(x);
+                let mut rng = self.rng(step, 1);
+                let noise = Tensor::from_data(
+                    TensorData::random::<f32, _, _>(
+                        post.mean.dims(),
+                        Distribution::Normal(0.0, 1.0),
+                        &mut rng,
+                    ),
+                    &post.mean.device(),
+                );
+                post.sample_with_noise(noise)
+            }
+            FirstStageNet::Vq(ae) => ae.encode_to_prequant(x),
+        }
+        .detach();
+        let mut sf = self.state.scale_factor.lock().expect("lock");
+        if self.state.scale_by_std && step == 0 {
+            // The reference: 1 / z.flatten().std() on the first batch (unbiased).
+            let all = z.clone().inner().reshape([z.shape().num_elements()]);
+            let s = all.var(0).sqrt().into_scalar::<f32>() as f64;
+            *sf = 1.0 / s;
+            tracing::info!("scale_by_std: scale_factor = 1/std(z) = {}", *sf);
+        }
+        z.mul_scalar(*sf)
+    }
+
+    fn conditioning(
+        &self,
+        batch: &ImageBatch,
+        step: usize,
+        device: &Device,
+    ) -> (Option<Tensor<3>>, Option<Tensor<1, Int>>) {
+        let mut rng = self.rng(step, 2);
+        let drop: Vec<bool> = (0..batch.captions.len())
+            .map(|_| rng.random_bool(self.state.uncond_prob.clamp(0.0, 1.0)))
+            .collect();
+        match &self.cond {
+            CondNet::Clip(_) | CondNet::Bert(_) => {
+                let captions: Vec<&str> = batch
+                    .captions
+                    .iter()
+                    .zip(&drop)
+                    .map(|(c, d)| if *d { "" } else { c.as_str() })
+                    .collect();
+                let tok = self
+                    .state
+                    .tokenizer
+                    .as_ref()
+                    .expect("text models carry a tokenizer");
+                let ids = tok
+                    .encode_batch(&captions, device)
+                    .expect("tokenizing captions");
+                let ctx = match &self.cond {
+                    CondNet::Clip(m) => m.forward(ids).last_hidden_state,
+                    CondNet::Bert(m) => m.forward(ids),
+                    _ => unreachable!(),
+                };
+                (Some(ctx), None)
+            }
+            CondNet::Class(e) => {
+                let labels: Vec<i64> = batch
+                    .labels
+                    .iter()
+                    .zip(&drop)
+                    .map(|(l, d)| match (d, self.state.null_class) {
+                        (true, Some(n)) => n as i64,
+                        _ => l.unwrap_or(0) as i64,
+                    })
+                    .collect();
+                let y = Tensor::<1, Int>::from_data(
+                    TensorData::new(labels, [batch.labels.len()]),
+                    device,
+                );
+                match self.state.key {
+                    ConditioningKey::Adm => (None, Some(y)),
+                    _ => (Some(e.forward(y)), None),
+                }
+            }
+            CondNet::None(_) => (None, None),
+        }
+    }
+
+    /// The denoising loss of a batch at `step` (timesteps, noise and dropout from the seed).
+    fn loss(&self, batch: ImageBatch, step: usize) -> (Tensor<1>, Vec<(&'static str, f64)>) {
+        let device = batch.images.device();
+        let z = self.encode(batch.images.clone(), step);
+        let [b, c, h, w] = z.dims();
+        let mut rng = self.rng(step, 3);
+        let t: Vec<usize> = (0..b)
+            .map(|_| rng.random_range(0..self.state.alphas_cumprod.len()))
+            .collect();
+        let noise = Tensor::<4>::from_data(
+            TensorData::random::<f32, _, _>([b, c, h, w], Distribution::Normal(0.0, 1.0), &mut rng),
+            &device,
+        );
+        let acp: Vec<f32> = t
+            .iter()
+            .map(|&i| self.state.alphas_cumprod[i] as f32)
+            .collect();
+        let sa = Tensor::<4>::from_data(
+            TensorData::new(
+                acp.iter().map(|a| a.sqrt()).collect::<Vec<_>>(),
+                [b, 1, 1, 1],
+            ),
+            &device,
+        );
+        let so = Tensor::<4>::from_data(
+            TensorData::new(
+                acp.iter().map(|a| (1.0 - a).sqrt()).collect::<Vec<_>>(),
+                [b, 1, 1, 1],
+            ),
+            &device,
+        );
+        let x_noisy = z.clone() * sa.clone() + noise.clone() * so.clone();
+        let (context, y) = self.conditioning(&batch, step, &device);
+        let tt = Tensor::<1>::from_data(
+            TensorData::new(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), [b]),
+            &device,
+        );
+        let out = self.unet.forward(x_noisy, tt, context, y);
+        let target = match self.state.parameterization {
+            Parameterization::Eps => noise,
+            Parameterization::X0 => z,
+            Parameterization::V => noise * sa - z * so,
+        };
+        let diff = out - target;
+        let loss = if self.state.l1 {
+            diff.abs().mean()
+        } else {
+            diff.square().mean()
+        };
+        let mean_t = t.iter().sum::<usize>() as f64 / b as f64;
+        let value = loss.clone().inner().into_scalar::<f32>() as f64;
+        (loss, vec![("loss", value), ("t_mean", mean_t)])
+    }
+
+    fn log_csv(&self, step: usize, s: &Scalars) {
+        let mut guard = self.state.csv.lock().expect("csv lock");
+        if guard.is_none() {
+            let path = self.state.dir.join("losses.csv");
+            let new = !path.exists();
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+            {
+                if new {
+                    let names: Vec<&str> = s.values.iter().map(|(n, _)| *n).collect();
+                    let _ = writeln!(f, "step,{}", names.join(","));
+                }
+                *guard = Some(f);
+            }
+        }
+        if let Some(f) = guard.as_mut() {
+            let vals: Vec<String> = s.values.iter().map(|(_, v)| format!("{v:.6e}")).collect();
+            let _ = writeln!(f, "{step},{}", vals.join(","));
+        }
+    }
+
+    fn update_ema(&self) {
+        let Some(decay) = self.state.ema_decay else {
+            return;
+        };
+        let mut guard = self.state.ema.lock().expect("lock");
+        let mut cur = Collect(Vec::new());
+        self.unet.visit(&mut cur);
+        match guard.take() {
+            None => {
+                *guard = Some((self.unet.clone().valid(), 1));
+            }
+            Some((shadow, n)) => {
+                let n = n + 1;
+                let d = decay.min((1.0 + n as f64) / (10.0 + n as f64));
+                let shadow = shadow.map(&mut Ema {
+                    current: cur.0,
+                    i: 0,
+                    one_minus: 1.0 - d,
+                    _p: std::marker::PhantomData,
+                });
+                *guard = Some((shadow, n));
+            }
+        }
+    }
+}
+
+impl TrainStep for DiffusionTrainer {
+    type Input = ImageBatch;
+    type Output = Scalars;
+
+    fn step(&self, batch: ImageBatch) -> TrainOutput<Scalars> {
+        let step = self.state.step.fetch_add(1, Ordering::SeqCst);
+        let b = batch.images.dims()[0];
+        {
+            let mut p = self.state.sample_prompts.lock().expect("lock");
+            if p.is_empty() {
+                *p = batch.captions.iter().take(4).cloned().collect();
+            }
+        }
+        let (loss, values) = self.loss(batch, step);
+        let mut grads = loss.backward();
+        let mut gp = GradientsParams::from_module(&mut grads, &self.unet);
+        if !matches!(self.cond, CondNet::None(_)) {
+            let mut gc = GradientsParams::from_module(&mut grads, &self.cond);
+            struct Merge<'a>(&'a mut GradientsParams, &'a mut GradientsParams);
+            impl ModuleVisitor for Merge<'_> {
+                fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+                    if let Some(g) = self.0.remove::<D>(p.id) {
+                        self.1.register::<D>(p.id, g);
+                    }
+                }
+            }
+            self.cond.visit(&mut Merge(&mut gc, &mut gp));
+        }
+        let scalars = Scalars { values, batch: b };
+        self.log_csv(step, &scalars);
+        TrainOutput {
+            grads: gp,
+            item: scalars,
+        }
+    }
+
+    fn optimize(
+        self,
+        optim: &mut ModuleOptimizer,
+        lr: ModuleLearningRate,
+        grads: GradientsParams,
+    ) -> Self {
+        let m = optim.step(lr, self, grads);
+        m.update_ema();
+        let done = m.state.step.load(Ordering::SeqCst);
+        if m.state.sample_every > 0 && done % m.state.sample_every == 0 {
+            m.write_samples(done);
+        }
+        m
+    }
+}
+
+impl InferenceStep for DiffusionTrainer {
+    type Input = ImageBatch;
+    type Output = Scalars;
+
+    /// The denoising loss at fixed timesteps/noise (seeded by a constant "step").
+    fn step(&self, batch: ImageBatch) -> Scalars {
+        let b = batch.images.dims()[0];
+        let (_, values) = self.loss(batch, usize::MAX / 2);
+        Scalars {
+            values: values.into_iter().filter(|(n, _)| *n == "loss").collect(),
+            batch: b,
+        }
+    }
+}
+
+struct Epoch<D> {
+    inner: D,
+    order: Vec<usize>,
+}
+
+impl<D: Dataset<ImageItem>> Dataset<ImageItem> for Epoch<D> {
+    fn get(
+        &self,
+        index: usize,
+    ) -> std::result::Result<ImageItem, burn::data::dataset::DatasetError> {
+        self.inner.get(self.order[index])
+    }
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+}
+
+/// A learning rate that rises linearly from 1e-6·lr to lr over `warmup` steps, then stays.
+#[derive(Clone, Debug)]
+struct Warmup {
+    lr: f64,
+    warmup: usize,
+    step: usize,
+}
+
+impl burn::lr_scheduler::LrScheduler for Warmup {
+    fn step(&mut self) -> burn::optim::LearningRate {
+        self.step += 1;
+        if self.warmup == 0 || self.step >= self.warmup {
+            return self.lr;
+        }
+        let f = 1e-6 + (1.0 - 1e-6) * self.step as f64 / self.warmup as f64;
+        self.lr * f
+    }
+    fn to_record(&self) -> burn::lr_scheduler::LrSchedulerRecord {
+        burn::lr_scheduler::LrSchedulerRecord::new().with_scalar("step", self.step as u64)
+    }
+    fn load_record(&mut self, record: burn::lr_scheduler::LrSchedulerRecord) {
+        if let Some(s) = record.scalar::<u64>("step") {
+            self.step = s as usize;
+        }
+    }
+}
+
+/// What [`train_diffusion`] produced.
+#[derive(Debug)]
+pub struct DiffusionRun {
+    /// The trained model.
+    pub model: DiffusionTrainer,
+    /// Global steps in total.
+    pub steps: usize,
+    /// Interrupted or failed.
+    pub interrupted: bool,
+}
+
+/// Trains `model` on `data` with Burn's `Learner` (dashboard, checkpoints per epoch, `losses.csv`).
+pub fn train_diffusion(
+    model: DiffusionTrainer,
+    data: ImageFolder,
+    config: &DiffusionTrainingConfig,
+    dir: &Path,
+    device: &Device,
+) -> Result<DiffusionRun> {
+    if config.batch_size == 0 || config.epochs == 0 || config.grad_accumulation == 0 {
+        return Err(Error::Config(
+            "batch size, epochs and accumulation must be at least 1".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::Read {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let n = data.len();
+    let steps = config
+        .steps_per_epoch
+        .unwrap_or_else(|| (n / config.batch_size).max(1));
+    let mut perm: Vec<usize> = (0..n).collect();
+    {
+        use rand::seq::SliceRandom;
+        perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(config.seed));
+    }
+    let order: Vec<usize> = (0..steps * config.batch_size)
+        .map(|i| perm[i % n])
+        .collect();
+    let ad = device.clone().autodiff();
+    let dl_train = DataLoaderBuilder::new(ImageBatcher)
+        .batch_size(config.batch_size)
+        .set_device(ad.clone())
+        .build(Epoch {
+            inner: data.clone(),
+            order,
+        });
+    let dl_valid = DataLoaderBuilder::new(ImageBatcher)
+        .batch_size(config.batch_size)
+        .set_device(device.clone())
+        .build(Epoch {
+            inner: data,
+            order: (0..n.min(config.batch_size)).collect(),
+        });
+    model
+        .state
+        .step
+        .store(config.resume_epoch.unwrap_or(0) * steps, Ordering::SeqCst);
+    let mut model = model.to_device(&ad);
+    model.unet = trainable(model.unet);
+    if config.cond_trainable {
+        model.cond = trainable(model.cond);
+    }
+    let optim = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(config.weight_decay as f32)
+        .init();
+    let mut training = SupervisedTraining::new(dir, dl_train, dl_valid)
+        .metric_train_numeric(ScalarMetric::new("loss"))
+        .metric_valid_numeric(ScalarMetric::new("loss"))
+        .with_default_checkpointers()
+        .num_epochs(config.epochs)
+        .with_application_logger(None);
+    if config.grad_accumulation > 1 {
+        training = training.grads_accumulation(config.grad_accumulation);
+    }
+    if let Some(e) = config.resume_epoch {
+        training = training.checkpoint(e);
+    }
+    let counter = model.state.step.clone();
+    let scheduler = Warmup {
+        lr: config.learning_rate,
+        warmup: config.warmup_steps,
+        step: 0,
+    };
+    let result = training.launch(Learner::new(model, optim, scheduler));
+    Ok(DiffusionRun {
+        steps: counter.load(Ordering::SeqCst),
+        interrupted: result.interrupted.is_some(),
+        model: result.model,
+    })
+}
+
+/// A module's parameters as PyTorch-layout safetensors bytes (enum variants skipped, so keys are
+/// the CompVis ones).
+pub(crate) fn export<M: Module>(m: &M) -> std::result::Result<Vec<u8>, String> {
+    use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
+    let mut store = SafetensorsStore::from_bytes(None)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .skip_enum_variants(true);
+    m.save_into(&mut store).map_err(|e| e.to_string())?;
+    store.get_bytes().map_err(|e| e.to_string())
+}
+
+/// Writes a CompVis-layout `.safetensors` (UNet under `model.diffusion_model.` — the EMA weights
+/// when there are —, first stage under `first_stage_model.`, conditioning under
+/// `cond_stage_model.`, and `scale_factor`), loadable with the training YAML.
+pub fn save_compvis_checkpoint(model: &DiffusionTrainer, path: &Path) -> Result<()> {
+    let io = |m: String| Error::Read {
+        path: path.to_path_buf(),
+        message: m,
+    };
+    let unet = model
+        .ema_unet()
+        .unwrap_or_else(|| model.unet.clone().valid());
+    let parts: Vec<(&str, Vec<u8>)> = vec![
+        ("model.diffusion_model.", export(&unet).map_err(&io)?),
+        (
+            "first_stage_model.",
+            match &model.first_stage {
+                FirstStageNet::Kl(ae) => export(&ae.clone().valid()),
+                FirstStageNet::Vq(ae) => export(&ae.clone().valid()),
+            }
+            .map_err(&io)?,
+        ),
+        (
+            match &model.cond {
+                CondNet::Clip(_) | CondNet::Bert(_) => "cond_stage_model.transformer.",
+                _ => "cond_stage_model.",
+            },
+            match &model.cond {
+                CondNet::Clip(m) => export(&m.clone().valid()),
+                CondNet::Bert(m) => export(&m.clone().valid()),
+                CondNet::Class(m) => export(&m.clone().valid()),
+                CondNet::None(_) => Ok(Vec::new()),
+            }
+            .map_err(&io)?,
+        ),
+    ];
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (prefix, bytes) in &parts {
+        if bytes.is_empty() {
+            continue;
+        }
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| io(e.to_string()))?;
+        for (k, v) in st.tensors() {
+            tensors.push((
+                format!("{prefix}{k}"),
+                v.dtype(),
+                v.shape().to_vec(),
+                v.data().to_vec(),
+            ));
+        }
+    }
+    let sf = (model.scale_factor() as f32).to_le_bytes().to_vec();
+    tensors.push(("scale_factor".into(), safetensors::Dtype::F32, vec![], sf));
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, d, s, b)| {
+            Ok((
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                    .map_err(|e| io(e.to_string()))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| io(e.to_string()))
+}
