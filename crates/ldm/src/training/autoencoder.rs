@@ -382,13 +382,16 @@ pub fn train_autoencoder(
     data: ImageFolder,
     config: &AutoencoderTrainingConfig,
     dir: &Path,
-    device: &Device,
+    devices: &[Device],
 ) -> Result<TrainingRun> {
     if config.batch_size == 0 || config.epochs == 0 {
         return Err(Error::Config(
             "batch size and epochs must be at least 1".into(),
         ));
     }
+    let device = devices
+        .first()
+        .ok_or_else(|| Error::Config("no training device given".into()))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::Read {
         path: dir.to_path_buf(),
         message: e.to_string(),
@@ -459,6 +462,16 @@ pub fn train_autoencoder(
         training = training.checkpoint(epoch);
     }
     let step_counter = model.state.step.clone();
+    if devices.len() > 1 {
+        // Data-parallel over several devices; the optimizer runs on the first.
+        training = training.with_training_strategy(
+            burn::train::ExecutionStrategy::MultiDevice(
+                devices.iter().map(|d| d.clone().autodiff()).collect(),
+                burn::train::MultiDeviceOptim::OptimMainDevice,
+            )
+            .into(),
+        );
+    }
     let result = training.launch(Learner::new(model, optim, config.learning_rate));
     Ok(TrainingRun {
         steps: step_counter.load(Ordering::SeqCst),

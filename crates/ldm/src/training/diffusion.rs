@@ -680,13 +680,16 @@ pub fn train_diffusion(
     data: ImageFolder,
     config: &DiffusionTrainingConfig,
     dir: &Path,
-    device: &Device,
+    devices: &[Device],
 ) -> Result<DiffusionRun> {
     if config.batch_size == 0 || config.epochs == 0 || config.grad_accumulation == 0 {
         return Err(Error::Config(
             "batch size, epochs and accumulation must be at least 1".into(),
         ));
     }
+    let device = devices
+        .first()
+        .ok_or_else(|| Error::Config("no training device given".into()))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::Read {
         path: dir.to_path_buf(),
         message: e.to_string(),
@@ -749,6 +752,16 @@ pub fn train_diffusion(
         warmup: config.warmup_steps,
         step: 0,
     };
+    if devices.len() > 1 {
+        // Data-parallel over several devices; the optimizer runs on the first.
+        training = training.with_training_strategy(
+            burn::train::ExecutionStrategy::MultiDevice(
+                devices.iter().map(|d| d.clone().autodiff()).collect(),
+                burn::train::MultiDeviceOptim::OptimMainDevice,
+            )
+            .into(),
+        );
+    }
     let result = training.launch(Learner::new(model, optim, scheduler));
     Ok(DiffusionRun {
         steps: counter.load(Ordering::SeqCst),
