@@ -52,30 +52,17 @@ pub struct Ddim {
     parameterization: Parameterization,
 }
 
-impl Ddim {
-    /// Table index of sampling step `index` (the reference's `index = total_steps − i − 1`).
-    fn k(&self, index: usize) -> usize {
-        self.tables.timesteps.len() - 1 - index
-    }
-}
-
 impl Scheduler for Ddim {
     fn name(&self) -> &'static str {
         "ddim"
     }
 
     fn timesteps(&self) -> Vec<f64> {
-        self.tables
-            .timesteps
-            .iter()
-            .rev()
-            .map(|&t| t as f64)
-            .collect()
+        self.tables.sampling_timesteps()
     }
 
     fn add_noise(&self, x0: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
-        let a = self.tables.alphas[self.k(index)];
-        x0.mul_scalar(a.sqrt()) + noise.mul_scalar((1.0 - a).sqrt())
+        self.tables.add_noise(x0, noise, index)
     }
 
     fn step(
@@ -85,7 +72,7 @@ impl Scheduler for Ddim {
         model: &mut dyn Denoiser,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        let k = self.k(index);
+        let k = self.tables.table_index(index);
         let t = self.tables.timesteps[k];
         let out = model.predict(x.clone(), t as f64)?;
         let (a_t, a_prev, sigma) = (

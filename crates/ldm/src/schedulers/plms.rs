@@ -61,10 +61,6 @@ pub struct Plms {
 }
 
 impl Plms {
-    fn k(&self, index: usize) -> usize {
-        self.tables.timesteps.len() - 1 - index
-    }
-
     /// ε from the raw model output at `x`, table index `k`.
     fn eps(&self, out: Tensor<4>, x: &Tensor<4>, k: usize) -> Tensor<4> {
         self.parameterization
@@ -87,17 +83,11 @@ impl Scheduler for Plms {
     }
 
     fn timesteps(&self) -> Vec<f64> {
-        self.tables
-            .timesteps
-            .iter()
-            .rev()
-            .map(|&t| t as f64)
-            .collect()
+        self.tables.sampling_timesteps()
     }
 
     fn add_noise(&self, x0: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
-        let a = self.tables.alphas[self.k(index)];
-        x0.mul_scalar(a.sqrt()) + noise.mul_scalar((1.0 - a).sqrt())
+        self.tables.add_noise(x0, noise, index)
     }
 
     fn reset(&mut self) {
@@ -111,7 +101,7 @@ impl Scheduler for Plms {
         model: &mut dyn Denoiser,
         _noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        let k = self.k(index);
+        let k = self.tables.table_index(index);
         let t = self.tables.timesteps[k] as f64;
         let e_t = self.eps(model.predict(x.clone(), t)?, &x, k);
         let e_prime = match self.old_eps.len() {

@@ -1,5 +1,6 @@
 //! β schedules and everything `DDPM.register_schedule` derives from them.
 
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -220,6 +221,24 @@ pub struct DdimTables {
     pub alphas_prev: Vec<f64>,
     /// σ = η √((1 − ᾱ_prev)/(1 − ᾱ) · (1 − ᾱ/ᾱ_prev)).
     pub sigmas: Vec<f64>,
+}
+
+impl DdimTables {
+    /// Table index of sampling step `index` (the reference's `index = total_steps − i − 1`).
+    pub fn table_index(&self, index: usize) -> usize {
+        self.timesteps.len() - 1 - index
+    }
+
+    /// The timesteps in sampling order (decreasing).
+    pub fn sampling_timesteps(&self) -> Vec<f64> {
+        self.timesteps.iter().rev().map(|&t| t as f64).collect()
+    }
+
+    /// `x0` noised to the input level of sampling step `index`: `√ᾱ·x0 + √(1−ᾱ)·noise`.
+    pub fn add_noise(&self, x0: Tensor<4>, noise: Tensor<4>, index: usize) -> Tensor<4> {
+        let a = self.alphas[self.table_index(index)];
+        x0.mul_scalar(a.sqrt()) + noise.mul_scalar((1.0 - a).sqrt())
+    }
 }
 
 /// `make_ddim_sampling_parameters` on `alphas_cumprod` rounded to f32, as the reference reads them

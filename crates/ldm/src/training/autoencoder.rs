@@ -6,25 +6,23 @@
 //! reference's two optimizers. Per-step scalars go to the dashboard and to `<dir>/losses.csv`;
 //! input/reconstruction grids to `<dir>/samples/` every `sample_every` steps; checkpoints per epoch.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
-use burn::config::Config;
-use burn::data::dataloader::DataLoaderBuilder;
-use burn::data::dataset::Dataset;
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use burn::train::{InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
-use rand::SeedableRng;
-
-use super::data::{ImageBatch, ImageBatcher, ImageFolder, ImageItem};
+use super::data::{ImageBatch, ImageFolder};
 use super::metrics::{ScalarMetric, Scalars};
+use super::shared::{
+    CsvLog, Loaders, MergeGrads, export, loaders, save_grid, step_rng, with_devices,
+};
 use crate::error::{Error, Result};
 use crate::losses::{LastLayer, PerceptualLoss};
 use crate::models::autoencoder::{AutoencoderKL, VQModel};
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::train::{InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
 
 /// The autoencoder being trained.
 #[derive(Module, Debug)]
@@ -42,7 +40,7 @@ struct TrainerState {
     seed: u64,
     sample_every: usize,
     dir: PathBuf,
-    csv: Arc<Mutex<Option<std::fs::File>>>,
+    csv: CsvLog,
 }
 
 /// Autoencoder + loss (LPIPS frozen, discriminator trained), as one Learner model.
@@ -54,20 +52,6 @@ pub struct AutoencoderTrainer {
     pub loss: PerceptualLoss,
     #[module(skip)]
     state: TrainerState,
-}
-
-/// Moves the gradients of visited parameters from one set to another.
-struct MergeGrads<'a> {
-    from: &'a mut GradientsParams,
-    into: &'a mut GradientsParams,
-}
-
-impl ModuleVisitor for MergeGrads<'_> {
-    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-        if let Some(g) = self.from.remove::<D>(p.id) {
-            self.into.register::<D>(p.id, g);
-        }
-    }
 }
 
 /// PSNR (dB) of reconstructions in [−1, 1] against inputs, on the [0, 1] scale.
@@ -98,7 +82,7 @@ impl AutoencoderTrainer {
                 seed,
                 sample_every,
                 dir: dir.to_path_buf(),
-                csv: Arc::new(Mutex::new(None)),
+                csv: CsvLog::new(dir),
             },
         }
     }
@@ -116,68 +100,21 @@ impl AutoencoderTrainer {
     /// Unit Gaussian noise for the posterior sample of `step`: the same on every run with the same
     /// seed (so a resumed run continues exactly).
     fn posterior_noise(&self, step: usize, shape: [usize; 4], device: &Device) -> Tensor<4> {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(
-            self.state.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+        // Stream 0: the seed's own sequence for this step.
+        let mut rng = step_rng(self.state.seed, step, 0);
         Tensor::from_data(
             TensorData::random::<f32, _, _>(shape, Distribution::Normal(0.0, 1.0), &mut rng),
             device,
         )
     }
 
-    fn log_csv(&self, step: usize, s: &Scalars) {
-        let mut guard = self.state.csv.lock().expect("csv lock");
-        if guard.is_none() {
-            let path = self.state.dir.join("losses.csv");
-            let new = !path.exists();
-            if let Ok(mut f) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-            {
-                if new {
-                    let names: Vec<&str> = s.values.iter().map(|(n, _)| *n).collect();
-                    let _ = writeln!(f, "step,{}", names.join(","));
-                }
-                *guard = Some(f);
-            }
-        }
-        if let Some(f) = guard.as_mut() {
-            let vals: Vec<String> = s.values.iter().map(|(_, v)| format!("{v:.6e}")).collect();
-            let _ = writeln!(f, "{step},{}", vals.join(","));
-        }
-    }
-
+    /// Inputs (top row) over reconstructions (bottom row).
     fn save_samples(&self, step: usize, x: &Tensor<4>, recon: &Tensor<4>) {
-        let dir = self.state.dir.join("samples");
-        if std::fs::create_dir_all(&dir).is_err() {
-            return;
-        }
         let grid = Tensor::cat(
             vec![x.clone().inner(), recon.clone().inner().clamp(-1.0, 1.0)],
             0,
         );
-        let images = crate::pipelines::images_to_rgb8(grid);
-        let (w, h) = (images[0].0, images[0].1);
-        let n = images.len() / 2;
-        let mut canvas = image::RgbImage::new((w * n) as u32, (h * 2) as u32);
-        for (i, (_, _, px)) in images.iter().enumerate() {
-            let (ox, oy) = ((i % n) * w, (i / n) * h);
-            for y in 0..h {
-                for xx in 0..w {
-                    let k = (y * w + xx) * 3;
-                    canvas.put_pixel(
-                        (ox + xx) as u32,
-                        (oy + y) as u32,
-                        image::Rgb([px[k], px[k + 1], px[k + 2]]),
-                    );
-                }
-            }
-        }
-        let path = dir.join(format!("step-{step:07}.png"));
-        if let Err(e) = canvas.save(&path) {
-            tracing::warn!("cannot write {}: {e}", path.display());
-        }
+        save_grid(&self.state.dir, step, grid, x.dims()[0]);
     }
 }
 
@@ -225,7 +162,7 @@ impl TrainStep for AutoencoderTrainer {
         };
         // The discriminator learns from disc_start on (before, its loss is 0 · d_loss).
         let (d_loss, dlog) = self.loss.discriminator_step(x.clone(), recon.clone(), step);
-        if dlog.get("disc_loss").unwrap_or(0.0) != 0.0 || self.loss_active(step) {
+        if step >= self.loss.disc_start() {
             let mut dg = d_loss.backward();
             let mut gd = GradientsParams::from_module(&mut dg, &self.loss.discriminator);
             self.loss.discriminator.visit(&mut MergeGrads {
@@ -239,21 +176,11 @@ impl TrainStep for AutoencoderTrainer {
             self.save_samples(step, &x, &recon);
         }
         let scalars = Scalars { values, batch: b };
-        self.log_csv(step, &scalars);
+        self.state.csv.log(step, &scalars);
         TrainOutput {
             grads,
             item: scalars,
         }
-    }
-}
-
-impl AutoencoderTrainer {
-    fn loss_active(&self, step: usize) -> bool {
-        crate::losses::adopt_weight(1.0, step, self.loss_disc_start(), 0.0) > 0.0
-    }
-
-    fn loss_disc_start(&self) -> usize {
-        self.loss.disc_start()
     }
 }
 
@@ -301,24 +228,6 @@ pub fn trainable<M: Module>(m: M) -> M {
     m.map(&mut RequireGrad)
 }
 
-/// A dataset repeated and permuted (fixed seed) to a given number of items per epoch.
-struct Epoch<D> {
-    inner: D,
-    order: Vec<usize>,
-}
-
-impl<D: Dataset<ImageItem>> Dataset<ImageItem> for Epoch<D> {
-    fn get(
-        &self,
-        index: usize,
-    ) -> std::result::Result<ImageItem, burn::data::dataset::DatasetError> {
-        self.inner.get(self.order[index])
-    }
-    fn len(&self) -> usize {
-        self.order.len()
-    }
-}
-
 /// Settings of [`train_autoencoder`].
 #[derive(Config, Debug)]
 pub struct AutoencoderTrainingConfig {
@@ -351,8 +260,8 @@ pub fn save_first_stage(model: &AutoencoderTrainer, path: &Path) -> Result<()> {
         message: m,
     };
     let bytes = match &model.ae {
-        FirstStageNet::Kl(ae) => super::diffusion::export(&ae.clone().valid()),
-        FirstStageNet::Vq(ae) => super::diffusion::export(&ae.clone().valid()),
+        FirstStageNet::Kl(ae) => export(&ae.clone().valid()),
+        FirstStageNet::Vq(ae) => export(&ae.clone().valid()),
     }
     .map_err(&io)?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(e.to_string()))?;
@@ -389,45 +298,19 @@ pub fn train_autoencoder(
             "batch size and epochs must be at least 1".into(),
         ));
     }
-    let device = devices
-        .first()
-        .ok_or_else(|| Error::Config("no training device given".into()))?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::Read {
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let n = data.len();
-    let steps = config
-        .steps_per_epoch
-        .unwrap_or_else(|| (n / config.batch_size).max(1));
-    // A fixed permutation repeated to fill the epoch (the same order every epoch, so a resumed
-    // run sees exactly the batches an uninterrupted one would).
-    let mut perm: Vec<usize> = (0..n).collect();
-    {
-        use rand::seq::SliceRandom;
-        perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(config.seed));
-    }
-    let order: Vec<usize> = (0..steps * config.batch_size)
-        .map(|i| perm[i % n])
-        .collect();
-    let valid_order: Vec<usize> = (0..n.min(config.batch_size)).collect();
-    let train = Epoch {
-        inner: data.clone(),
-        order,
-    };
-    let valid = Epoch {
-        inner: data,
-        order: valid_order,
-    };
-    let ad = device.clone().autodiff();
-    let dl_train = DataLoaderBuilder::new(ImageBatcher)
-        .batch_size(config.batch_size)
-        .set_device(ad.clone())
-        .build(train);
-    let dl_valid = DataLoaderBuilder::new(ImageBatcher)
-        .batch_size(config.batch_size)
-        .set_device(device.clone())
-        .build(valid);
+    let Loaders {
+        train,
+        valid,
+        steps,
+        autodiff: ad,
+    } = loaders(
+        data,
+        config.batch_size,
+        config.steps_per_epoch,
+        config.seed,
+        devices,
+        dir,
+    )?;
     let start_step = config.resume_epoch.unwrap_or(0) * steps;
     model.set_global_step(start_step);
     let mut model = model.to_device(&ad);
@@ -441,7 +324,7 @@ pub fn train_autoencoder(
         .with_beta_2(0.9)
         .with_epsilon(1e-8)
         .init();
-    let mut training = SupervisedTraining::new(dir, dl_train, dl_valid)
+    let mut training = SupervisedTraining::new(dir, train, valid)
         .metric_train_numeric(ScalarMetric::new("total_loss"))
         .metric_train_numeric(ScalarMetric::new("rec_loss"))
         .metric_train_numeric(ScalarMetric::new("nll_loss"))
@@ -462,16 +345,7 @@ pub fn train_autoencoder(
         training = training.checkpoint(epoch);
     }
     let step_counter = model.state.step.clone();
-    if devices.len() > 1 {
-        // Data-parallel over several devices; the optimizer runs on the first.
-        training = training.with_training_strategy(
-            burn::train::ExecutionStrategy::MultiDevice(
-                devices.iter().map(|d| d.clone().autodiff()).collect(),
-                burn::train::MultiDeviceOptim::OptimMainDevice,
-            )
-            .into(),
-        );
-    }
+    let training = with_devices(training, devices);
     let result = training.launch(Learner::new(model, optim, config.learning_rate));
     Ok(TrainingRun {
         steps: step_counter.load(Ordering::SeqCst),

@@ -6,24 +6,24 @@
 //! (`min(decay, (1 + n)/(10 + n))`), and a CompVis-layout `.safetensors` checkpoint (EMA weights
 //! written in) that `ldm txt2img` / `ldm sample` load with the training YAML.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use burn::config::Config;
-use burn::data::dataloader::DataLoaderBuilder;
-use burn::data::dataset::Dataset;
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use burn::train::{InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
-use rand::{RngExt, SeedableRng};
+use rand::RngExt;
 
 use super::autoencoder::{FirstStageNet, trainable};
-use super::data::{ImageBatch, ImageBatcher, ImageFolder, ImageItem};
+use super::data::{ImageBatch, ImageFolder};
 use super::metrics::{ScalarMetric, Scalars};
+use super::shared::{
+    CsvLog, Loaders, MergeGrads, export, loaders, save_grid, step_rng, with_devices,
+};
 use crate::conditioning::{ClassEmbedder, ClipTextModel, TextTokenizer, TransformerWrapper};
 use crate::error::{Error, Result};
 use crate::models::unet::UNetModel;
@@ -48,7 +48,6 @@ pub enum CondNet {
 struct DiffState {
     step: Arc<AtomicUsize>,
     seed: u64,
-    alphas_cumprod: Arc<Vec<f64>>,
     parameterization: Parameterization,
     l1: bool,
     uncond_prob: f64,
@@ -60,7 +59,7 @@ struct DiffState {
     ema_decay: Option<f64>,
     ema: Arc<Mutex<Option<(UNetModel, usize)>>>,
     dir: PathBuf,
-    csv: Arc<Mutex<Option<std::fs::File>>>,
+    csv: CsvLog,
     schedule: Arc<crate::schedulers::DiffusionSchedule>,
     downsample: usize,
     latent_channels: usize,
@@ -207,7 +206,6 @@ impl DiffusionTrainer {
             state: DiffState {
                 step: Arc::new(AtomicUsize::new(0)),
                 seed: config.seed,
-                alphas_cumprod: Arc::new(model.schedule.alphas_cumprod.clone()),
                 parameterization: model.parameterization,
                 l1: false,
                 uncond_prob: config.uncond_prob,
@@ -219,7 +217,7 @@ impl DiffusionTrainer {
                 ema_decay: config.ema_decay,
                 ema: Arc::new(Mutex::new(None)),
                 dir: dir.to_path_buf(),
-                csv: Arc::new(Mutex::new(None)),
+                csv: CsvLog::new(dir),
                 schedule: Arc::new(model.schedule.clone()),
                 downsample: model.downsample,
                 latent_channels: model.latent_channels,
@@ -310,29 +308,8 @@ impl DiffusionTrainer {
                 return;
             }
         };
-        let images = out.to_rgb8();
-        let (w, h) = (images[0].0, images[0].1);
-        let mut canvas = image::RgbImage::new((w * images.len()) as u32, h as u32);
-        for (i, (_, _, px)) in images.iter().enumerate() {
-            for y in 0..h {
-                for x in 0..w {
-                    let k = (y * w + x) * 3;
-                    canvas.put_pixel(
-                        (i * w + x) as u32,
-                        y as u32,
-                        image::Rgb([px[k], px[k + 1], px[k + 2]]),
-                    );
-                }
-            }
-        }
-        let dir = self.state.dir.join("samples");
-        let path = dir.join(format!("step-{step:07}.png"));
-        if let Err(e) = std::fs::create_dir_all(&dir)
-            .map_err(|e| e.to_string())
-            .and_then(|_| canvas.save(&path).map_err(|e| e.to_string()))
-        {
-            tracing::warn!("cannot write {}: {e}", path.display());
-        }
+        let n = out.images.dims()[0];
+        save_grid(&self.state.dir, step, out.images, n);
     }
 
     /// Uses the l1 loss instead of l2 (`loss_type: l1`).
@@ -357,11 +334,7 @@ impl DiffusionTrainer {
     }
 
     fn rng(&self, step: usize, stream: u64) -> rand::rngs::StdRng {
-        rand::rngs::StdRng::seed_from_u64(
-            self.state.seed
-                ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03),
-        )
+        step_rng(self.state.seed, step, stream)
     }
 
     fn encode(&self, x: Tensor<4>, step: usize) -> Tensor<4> {
@@ -456,7 +429,7 @@ impl DiffusionTrainer {
         let [b, c, h, w] = z.dims();
         let mut rng = self.rng(step, 3);
         let t: Vec<usize> = (0..b)
-            .map(|_| rng.random_range(0..self.state.alphas_cumprod.len()))
+            .map(|_| rng.random_range(0..self.state.schedule.alphas_cumprod.len()))
             .collect();
         let noise = Tensor::<4>::from_data(
             TensorData::random::<f32, _, _>([b, c, h, w], Distribution::Normal(0.0, 1.0), &mut rng),
@@ -464,7 +437,7 @@ impl DiffusionTrainer {
         );
         let acp: Vec<f32> = t
             .iter()
-            .map(|&i| self.state.alphas_cumprod[i] as f32)
+            .map(|&i| self.state.schedule.alphas_cumprod[i] as f32)
             .collect();
         let sa = Tensor::<4>::from_data(
             TensorData::new(
@@ -501,29 +474,6 @@ impl DiffusionTrainer {
         let mean_t = t.iter().sum::<usize>() as f64 / b as f64;
         let value = loss.clone().inner().into_scalar::<f32>() as f64;
         (loss, vec![("loss", value), ("t_mean", mean_t)])
-    }
-
-    fn log_csv(&self, step: usize, s: &Scalars) {
-        let mut guard = self.state.csv.lock().expect("csv lock");
-        if guard.is_none() {
-            let path = self.state.dir.join("losses.csv");
-            let new = !path.exists();
-            if let Ok(mut f) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-            {
-                if new {
-                    let names: Vec<&str> = s.values.iter().map(|(n, _)| *n).collect();
-                    let _ = writeln!(f, "step,{}", names.join(","));
-                }
-                *guard = Some(f);
-            }
-        }
-        if let Some(f) = guard.as_mut() {
-            let vals: Vec<String> = s.values.iter().map(|(_, v)| format!("{v:.6e}")).collect();
-            let _ = writeln!(f, "{step},{}", vals.join(","));
-        }
     }
 
     fn update_ema(&self) {
@@ -570,18 +520,13 @@ impl TrainStep for DiffusionTrainer {
         let mut gp = GradientsParams::from_module(&mut grads, &self.unet);
         if !matches!(self.cond, CondNet::None(_)) {
             let mut gc = GradientsParams::from_module(&mut grads, &self.cond);
-            struct Merge<'a>(&'a mut GradientsParams, &'a mut GradientsParams);
-            impl ModuleVisitor for Merge<'_> {
-                fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-                    if let Some(g) = self.0.remove::<D>(p.id) {
-                        self.1.register::<D>(p.id, g);
-                    }
-                }
-            }
-            self.cond.visit(&mut Merge(&mut gc, &mut gp));
+            self.cond.visit(&mut MergeGrads {
+                from: &mut gc,
+                into: &mut gp,
+            });
         }
         let scalars = Scalars { values, batch: b };
-        self.log_csv(step, &scalars);
+        self.state.csv.log(step, &scalars);
         TrainOutput {
             grads: gp,
             item: scalars,
@@ -616,23 +561,6 @@ impl InferenceStep for DiffusionTrainer {
             values: values.into_iter().filter(|(n, _)| *n == "loss").collect(),
             batch: b,
         }
-    }
-}
-
-struct Epoch<D> {
-    inner: D,
-    order: Vec<usize>,
-}
-
-impl<D: Dataset<ImageItem>> Dataset<ImageItem> for Epoch<D> {
-    fn get(
-        &self,
-        index: usize,
-    ) -> std::result::Result<ImageItem, burn::data::dataset::DatasetError> {
-        self.inner.get(self.order[index])
-    }
-    fn len(&self) -> usize {
-        self.order.len()
     }
 }
 
@@ -687,40 +615,19 @@ pub fn train_diffusion(
             "batch size, epochs and accumulation must be at least 1".into(),
         ));
     }
-    let device = devices
-        .first()
-        .ok_or_else(|| Error::Config("no training device given".into()))?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::Read {
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let n = data.len();
-    let steps = config
-        .steps_per_epoch
-        .unwrap_or_else(|| (n / config.batch_size).max(1));
-    let mut perm: Vec<usize> = (0..n).collect();
-    {
-        use rand::seq::SliceRandom;
-        perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(config.seed));
-    }
-    let order: Vec<usize> = (0..steps * config.batch_size)
-        .map(|i| perm[i % n])
-        .collect();
-    let ad = device.clone().autodiff();
-    let dl_train = DataLoaderBuilder::new(ImageBatcher)
-        .batch_size(config.batch_size)
-        .set_device(ad.clone())
-        .build(Epoch {
-            inner: data.clone(),
-            order,
-        });
-    let dl_valid = DataLoaderBuilder::new(ImageBatcher)
-        .batch_size(config.batch_size)
-        .set_device(device.clone())
-        .build(Epoch {
-            inner: data,
-            order: (0..n.min(config.batch_size)).collect(),
-        });
+    let Loaders {
+        train,
+        valid,
+        steps,
+        autodiff: ad,
+    } = loaders(
+        data,
+        config.batch_size,
+        config.steps_per_epoch,
+        config.seed,
+        devices,
+        dir,
+    )?;
     model
         .state
         .step
@@ -734,7 +641,7 @@ pub fn train_diffusion(
         .with_epsilon(1e-8)
         .with_weight_decay(config.weight_decay as f32)
         .init();
-    let mut training = SupervisedTraining::new(dir, dl_train, dl_valid)
+    let mut training = SupervisedTraining::new(dir, train, valid)
         .metric_train_numeric(ScalarMetric::new("loss"))
         .metric_valid_numeric(ScalarMetric::new("loss"))
         .with_default_checkpointers()
@@ -752,33 +659,13 @@ pub fn train_diffusion(
         warmup: config.warmup_steps,
         step: 0,
     };
-    if devices.len() > 1 {
-        // Data-parallel over several devices; the optimizer runs on the first.
-        training = training.with_training_strategy(
-            burn::train::ExecutionStrategy::MultiDevice(
-                devices.iter().map(|d| d.clone().autodiff()).collect(),
-                burn::train::MultiDeviceOptim::OptimMainDevice,
-            )
-            .into(),
-        );
-    }
+    let training = with_devices(training, devices);
     let result = training.launch(Learner::new(model, optim, scheduler));
     Ok(DiffusionRun {
         steps: counter.load(Ordering::SeqCst),
         interrupted: result.interrupted.is_some(),
         model: result.model,
     })
-}
-
-/// A module's parameters as PyTorch-layout safetensors bytes (enum variants skipped, so keys are
-/// the CompVis ones).
-pub(crate) fn export<M: Module>(m: &M) -> std::result::Result<Vec<u8>, String> {
-    use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
-    let mut store = SafetensorsStore::from_bytes(None)
-        .with_to_adapter(BurnToPyTorchAdapter)
-        .skip_enum_variants(true);
-    m.save_into(&mut store).map_err(|e| e.to_string())?;
-    store.get_bytes().map_err(|e| e.to_string())
 }
 
 /// Writes a CompVis-layout `.safetensors` (UNet under `model.diffusion_model.` — the EMA weights

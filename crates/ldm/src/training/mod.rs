@@ -5,3 +5,4 @@ pub mod autoencoder;
 pub mod data;
 pub mod diffusion;
 pub mod metrics;
+mod shared;

@@ -1,0 +1,218 @@
+//! Pieces both trainers use: the per-step CSV log, step-keyed RNGs, the fixed-order epoch
+//! datasets and loaders, gradient merging, multi-device set-up, sample grids, and the export of
+//! modules in PyTorch layout.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
+use burn::data::dataset::Dataset;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor};
+use burn::train::{LearnerModel, SupervisedTraining};
+use rand::SeedableRng;
+
+use super::data::{ImageBatch, ImageBatcher, ImageFolder, ImageItem};
+use super::metrics::Scalars;
+use crate::error::{Error, Result};
+
+/// `<dir>/losses.csv`: a header from the first step's scalar names, then one line per step
+/// (appended, so a resumed run continues the file).
+#[derive(Debug, Clone)]
+pub(crate) struct CsvLog {
+    dir: PathBuf,
+    file: Arc<Mutex<Option<std::fs::File>>>,
+}
+
+impl CsvLog {
+    pub(crate) fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            file: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub(crate) fn log(&self, step: usize, s: &Scalars) {
+        let mut guard = self.file.lock().expect("csv lock");
+        if guard.is_none() {
+            let path = self.dir.join("losses.csv");
+            let new = !path.exists();
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+            {
+                if new {
+                    let names: Vec<&str> = s.values.iter().map(|(n, _)| *n).collect();
+                    let _ = writeln!(f, "step,{}", names.join(","));
+                }
+                *guard = Some(f);
+            }
+        }
+        if let Some(f) = guard.as_mut() {
+            let vals: Vec<String> = s.values.iter().map(|(_, v)| format!("{v:.6e}")).collect();
+            let _ = writeln!(f, "{step},{}", vals.join(","));
+        }
+    }
+}
+
+/// The RNG of one purpose (`stream`) at one global step: the same on every run with the same
+/// seed, so a resumed run continues exactly.
+pub(crate) fn step_rng(seed: u64, step: usize, stream: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(
+        seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03),
+    )
+}
+
+/// Moves the gradients of visited parameters from one set to another.
+pub(crate) struct MergeGrads<'a> {
+    pub(crate) from: &'a mut GradientsParams,
+    pub(crate) into: &'a mut GradientsParams,
+}
+
+impl ModuleVisitor for MergeGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+        if let Some(g) = self.from.remove::<D>(p.id) {
+            self.into.register::<D>(p.id, g);
+        }
+    }
+}
+
+/// A dataset read in a given order (repeats allowed).
+struct Epoch<D> {
+    inner: D,
+    order: Vec<usize>,
+}
+
+impl<D: Dataset<ImageItem>> Dataset<ImageItem> for Epoch<D> {
+    fn get(
+        &self,
+        index: usize,
+    ) -> std::result::Result<ImageItem, burn::data::dataset::DatasetError> {
+        self.inner.get(self.order[index])
+    }
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+}
+
+/// The data side of a training run.
+pub(crate) struct Loaders {
+    pub(crate) train: Arc<dyn DataLoader<ImageBatch>>,
+    pub(crate) valid: Arc<dyn DataLoader<ImageBatch>>,
+    /// Steps per epoch.
+    pub(crate) steps: usize,
+    /// The autodiff version of the first device.
+    pub(crate) autodiff: Device,
+}
+
+/// Creates `dir` and the loaders: training batches on the autodiff version of the first device,
+/// in a fixed permutation (seeded) repeated to `steps_per_epoch · batch` items — the same order
+/// every epoch, so a resumed run sees exactly the batches an uninterrupted one would; validation
+/// on the first `batch` images.
+pub(crate) fn loaders(
+    data: ImageFolder,
+    batch: usize,
+    steps_per_epoch: Option<usize>,
+    seed: u64,
+    devices: &[Device],
+    dir: &Path,
+) -> Result<Loaders> {
+    let device = devices
+        .first()
+        .ok_or_else(|| Error::Config("no training device given".into()))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::Read {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let n = data.len();
+    let steps = steps_per_epoch.unwrap_or_else(|| (n / batch).max(1));
+    let mut perm: Vec<usize> = (0..n).collect();
+    {
+        use rand::seq::SliceRandom;
+        perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    }
+    let order: Vec<usize> = (0..steps * batch).map(|i| perm[i % n]).collect();
+    let autodiff = device.clone().autodiff();
+    let train = DataLoaderBuilder::new(ImageBatcher)
+        .batch_size(batch)
+        .set_device(autodiff.clone())
+        .build(Epoch {
+            inner: data.clone(),
+            order,
+        });
+    let valid = DataLoaderBuilder::new(ImageBatcher)
+        .batch_size(batch)
+        .set_device(device.clone())
+        .build(Epoch {
+            inner: data,
+            order: (0..n.min(batch)).collect(),
+        });
+    Ok(Loaders {
+        train,
+        valid,
+        steps,
+        autodiff,
+    })
+}
+
+/// Data-parallel over several devices (the optimizer runs on the first); unchanged for one.
+pub(crate) fn with_devices<M: LearnerModel>(
+    training: SupervisedTraining<M>,
+    devices: &[Device],
+) -> SupervisedTraining<M> {
+    if devices.len() < 2 {
+        return training;
+    }
+    training.with_training_strategy(
+        burn::train::ExecutionStrategy::MultiDevice(
+            devices.iter().map(|d| d.clone().autodiff()).collect(),
+            burn::train::MultiDeviceOptim::OptimMainDevice,
+        )
+        .into(),
+    )
+}
+
+/// Writes images (`[B, 3, H, W]` in [−1, 1]) as one PNG grid with `cols` per row to
+/// `<dir>/samples/step-NNNNNNN.png`; failures are logged, training goes on.
+pub(crate) fn save_grid(dir: &Path, step: usize, images: Tensor<4>, cols: usize) {
+    let images = crate::pipelines::images_to_rgb8(images);
+    let (w, h) = (images[0].0, images[0].1);
+    let rows = images.len().div_ceil(cols);
+    let mut canvas = image::RgbImage::new((w * cols) as u32, (h * rows) as u32);
+    for (i, (_, _, px)) in images.iter().enumerate() {
+        let (ox, oy) = ((i % cols) * w, (i / cols) * h);
+        for y in 0..h {
+            for x in 0..w {
+                let k = (y * w + x) * 3;
+                canvas.put_pixel(
+                    (ox + x) as u32,
+                    (oy + y) as u32,
+                    image::Rgb([px[k], px[k + 1], px[k + 2]]),
+                );
+            }
+        }
+    }
+    let dir = dir.join("samples");
+    let path = dir.join(format!("step-{step:07}.png"));
+    if let Err(e) = std::fs::create_dir_all(&dir)
+        .map_err(|e| e.to_string())
+        .and_then(|_| canvas.save(&path).map_err(|e| e.to_string()))
+    {
+        tracing::warn!("cannot write {}: {e}", path.display());
+    }
+}
+
+/// A module's parameters as PyTorch-layout safetensors bytes (enum variants skipped, so keys are
+/// the CompVis ones).
+pub(crate) fn export<M: Module>(m: &M) -> std::result::Result<Vec<u8>, String> {
+    use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
+    let mut store = SafetensorsStore::from_bytes(None)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .skip_enum_variants(true);
+    m.save_into(&mut store).map_err(|e| e.to_string())?;
+    store.get_bytes().map_err(|e| e.to_string())
+}
