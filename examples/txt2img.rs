@@ -6,13 +6,12 @@
 //! cargo run --release --example txt2img --features cuda -- --device cuda:0 --ckpt ...
 //! ```
 //! `--ckpt` takes a CompVis/SD checkpoint (`.ckpt`, `.safetensors`; layout recognised, or give
-//! `--config`) or a diffusers folder. Without `--ckpt` it runs a tiny randomly initialised
-//! text-to-image LDM (CLIP tokenizer and encoder, UNet with cross-attention, KL autoencoder) through
-//! the whole pipeline and says so: the picture is noise, the plumbing is real.
+//! `--config`) or a diffusers folder. Without `--ckpt` it runs the built-in demo model (64x64
+//! shapes, trained by this project: `cargo xtask train-demo`), e.g. `--prompt "a small green
+//! triangle on a white background"`.
 
 use anyhow::Result;
 use clap::Parser;
-use ldm::io::LdmSpec;
 use ldm::pipelines::{Pipeline, PipelineOptions};
 use ldm::schedulers::{SamplerKind, SeededNoise};
 
@@ -25,12 +24,13 @@ struct Args {
     /// CompVis YAML config (optional when the checkpoint's layout is recognised).
     #[arg(long)]
     config: Option<String>,
-    #[arg(long, default_value = "a painting of a lighthouse at dusk")]
-    prompt: String,
+    /// Default: "a large red circle on a blue background" (the demo model's kind of prompt).
+    #[arg(long)]
+    prompt: Option<String>,
     /// ddim, plms, ddpm, dpm++2m, euler, euler-a
-    #[arg(long, default_value = "dpm++2m")]
+    #[arg(long, default_value = "ddim")]
     sampler: SamplerKind,
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 50)]
     steps: usize,
     #[arg(long, default_value_t = 7.5)]
     scale: f64,
@@ -45,20 +45,6 @@ struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
 }
-
-/// A tiny text-to-image LDM in the CompVis schema (random weights).
-const TINY: &str = r#"
-model:
-  target: ldm.models.diffusion.ddpm.LatentDiffusion
-  params: {linear_start: 0.00085, linear_end: 0.012, timesteps: 1000, conditioning_key: crossattn, scale_factor: 0.18215,
-    unet_config: {target: ldm.modules.diffusionmodules.openaimodel.UNetModel, params: {image_size: 16, in_channels: 4,
-      out_channels: 4, model_channels: 32, attention_resolutions: [2], num_res_blocks: 1, channel_mult: [1, 2],
-      num_heads: 2, use_spatial_transformer: true, context_dim: 768, legacy: false}},
-    first_stage_config: {target: ldm.models.autoencoder.AutoencoderKL, params: {embed_dim: 4, ddconfig: {double_z: true,
-      z_channels: 4, resolution: 64, in_channels: 3, out_ch: 3, ch: 32, ch_mult: [1, 2, 4], num_res_blocks: 1,
-      attn_resolutions: [], dropout: 0.0}}},
-    cond_stage_config: {target: ldm.modules.encoders.modules.FrozenCLIPEmbedder}}
-"#;
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -75,19 +61,20 @@ fn main() -> Result<()> {
             (pipe.model, sampler)
         }
         None => {
-            eprintln!(
-                "no --ckpt: a tiny model with RANDOM weights (the image is noise; the pipeline is real)"
-            );
-            let model = LdmSpec::from_yaml_str(TINY)?.build_uninit(&device)?;
-            let sampler = ldm::schedulers::SamplerOptions::new(args.sampler, args.steps);
-            (model, sampler)
+            eprintln!("no --ckpt: the built-in demo model (64x64 shapes)");
+            let pipe = Pipeline::demo(&PipelineOptions::default(), &device)?;
+            let sampler = pipe.sampler(args.sampler, args.steps);
+            (pipe.model, sampler)
         }
     };
     let size = args
         .size
         .unwrap_or(model.model.unet.image_size() * model.downsample);
     let out = model.txt2img(
-        &[args.prompt.as_str()],
+        &[args
+            .prompt
+            .as_deref()
+            .unwrap_or("a large red circle on a blue background")],
         None,
         size,
         size,

@@ -3,6 +3,10 @@
 //! - `fixtures`: regenerate the parity fixtures in `tests/fixtures/` from the reference code
 //!   (needs python3 with torch, numpy, safetensors, einops, pytorch-lightning, pillow, and
 //!   checkouts of the reference repositories; see README.md).
+//! - `train-demo [--smoke] [--ldm PATH] [--out DIR]`: the demo model's whole recipe (dataset →
+//!   autoencoder → diffusion → f16 weights in `crates/ldm/assets/demo/` → `ldm eval shapes`).
+//! - `bench [ldm bench args]`: build the release `ldm` and run `ldm bench` beside the PyTorch script
+//!   `xtask/bench/bench_torch.py` (ratios measured in the same run).
 //! - `ci`: run what `.ci/run` runs.
 
 use std::path::{Path, PathBuf};
@@ -26,10 +30,22 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("fixtures") => fixtures(&args[1..]),
         Some("ci") => run(Command::new("bash").arg(root().join(".ci/run"))),
+        Some("train-demo") => train_demo(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("f16") if args.len() == 3 => {
+            let n = to_f16(Path::new(&args[1]), Path::new(&args[2]))?;
+            eprintln!("wrote {} ({:.1} MB)", args[2], n as f64 / 1e6);
+            Ok(())
+        }
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  fixtures [NAME..]  regenerate tests/fixtures from the reference (NAME: autoencoder, unet, conditioning, schedules, samplers, diffusers, pipelines, losses;\n                     tokenizer data: python3 xtask/fixtures/build_tokenizers.py, see its docstring)\n  \
+                 train-demo [--smoke] [--ldm PATH] [--out DIR] [--lpips-vgg F --lpips-lin F]\n\
+                                    reproduce the built-in demo model (dataset, autoencoder, diffusion, eval);\n\
+                                    --smoke: a few steps on a tiny dataset, weights not installed\n  \
+                 f16 SRC DST        store a checkpoint's f32 tensors as f16 (what train-demo ships)\n  \
+                 bench [ARGS]       release build + `ldm bench --torch xtask/bench/bench_torch.py ARGS`\n  \
                  ci                 run .ci/run\n\n\
                  fixtures needs LDM_REFERENCE and TAMING_REFERENCE (and SD2_REFERENCE for the UNet) pointing to\n\
                  checkouts of CompVis/latent-diffusion, CompVis/taming-transformers, Stability-AI/stablediffusion;\n\
@@ -74,4 +90,234 @@ fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed with {status}");
     }
     Ok(())
+}
+
+/// Builds the release `ldm` binary (with extra cargo features) and returns its path.
+fn release_ldm(features: &[String]) -> Result<PathBuf> {
+    let root = root();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(&root)
+        .args(["build", "--release", "-p", "ldm-cli"]);
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
+    }
+    run(&mut cmd)?;
+    Ok(root.join("target/release/ldm"))
+}
+
+/// Value of `--name VALUE` in `args`, removing both.
+fn take_opt(args: &mut Vec<String>, name: &str) -> Option<String> {
+    let i = args.iter().position(|a| a == name)?;
+    args.remove(i);
+    (i < args.len()).then(|| args.remove(i))
+}
+
+fn take_flag(args: &mut Vec<String>, name: &str) -> bool {
+    match args.iter().position(|a| a == name) {
+        Some(i) => {
+            args.remove(i);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The demo recipe's sizes: the full run, and the CI smoke run.
+struct Recipe {
+    images: usize,
+    ae_batch: usize,
+    ae_steps: usize,
+    ae_lr: f64,
+    ldm_batch: usize,
+    ldm_steps: usize,
+    ldm_epochs: usize,
+    ldm_lr: f64,
+    warmup: usize,
+    ema: f64,
+    eval: Vec<&'static str>,
+}
+
+const FULL: Recipe = Recipe {
+    images: 20_000,
+    ae_batch: 8,
+    ae_steps: 1000,
+    ae_lr: 4.0e-4,
+    ldm_batch: 32,
+    ldm_steps: 150,
+    ldm_epochs: 2,
+    ldm_lr: 1.0e-3,
+    warmup: 100,
+    ema: 0.995,
+    eval: Vec::new(),
+};
+
+fn train_demo(args: &[String]) -> Result<()> {
+    let mut args = args.to_vec();
+    let smoke = take_flag(&mut args, "--smoke");
+    let ldm = take_opt(&mut args, "--ldm").map(PathBuf::from);
+    let out = take_opt(&mut args, "--out").map(PathBuf::from);
+    let vgg = take_opt(&mut args, "--lpips-vgg");
+    let lin = take_opt(&mut args, "--lpips-lin");
+    let device = take_opt(&mut args, "--device").unwrap_or_else(|| "cpu".into());
+    if let Some(a) = args.first() {
+        bail!("train-demo: unexpected argument `{a}`");
+    }
+    let recipe = if smoke {
+        Recipe {
+            images: 48,
+            ae_batch: 4,
+            ae_steps: 3,
+            ae_lr: 4.0e-4,
+            ldm_batch: 4,
+            ldm_steps: 3,
+            ldm_epochs: 1,
+            ldm_lr: 5.0e-4,
+            warmup: 1,
+            ema: 0.9,
+            eval: vec!["--per-prompt", "1", "--seen", "2", "--steps", "2"],
+        }
+    } else {
+        FULL
+    };
+    let root = root();
+    let out = out.unwrap_or_else(|| root.join(if smoke { "target/demo-smoke" } else { "target/demo" }));
+    let ldm = match ldm {
+        Some(p) => p,
+        None => release_ldm(&[])?,
+    };
+    let assets = root.join("crates/ldm/assets/demo");
+    let start = std::time::Instant::now();
+    let stage = |name: &str| eprintln!("== [{:.0}s] {name}", start.elapsed().as_secs_f64());
+    let ldm_cmd = || {
+        let mut c = Command::new(&ldm);
+        c.current_dir(&root);
+        c
+    };
+    if out.exists() {
+        std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
+    }
+    let data = out.join("data");
+
+    stage("dataset: ldm data shapes");
+    run(ldm_cmd()
+        .args(["data", "shapes", "--seed", "0", "--n", &recipe.images.to_string()])
+        .arg("--out")
+        .arg(&data))?;
+
+    stage("first stage: ldm train autoencoder");
+    let ae_dir = out.join("autoencoder");
+    let mut ae = ldm_cmd();
+    ae.args(["train", "autoencoder", "--size", "64", "--seed", "0", "--epochs", "1"])
+        .arg("--config")
+        .arg(assets.join("autoencoder.yaml"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&ae_dir)
+        .args(["--batch-size", &recipe.ae_batch.to_string()])
+        .args(["--steps-per-epoch", &recipe.ae_steps.to_string()])
+        .args(["--lr", &recipe.ae_lr.to_string(), "--device", &device]);
+    if let (Some(v), Some(l)) = (&vgg, &lin) {
+        ae.args(["--lpips-vgg", v, "--lpips-lin", l]);
+    }
+    run(&mut ae)?;
+
+    stage("latent diffusion: ldm train diffusion");
+    let ldm_dir = out.join("diffusion");
+    run(ldm_cmd()
+        .args(["train", "diffusion", "--size", "64", "--seed", "0", "--flip"])
+        .arg("--config")
+        .arg(assets.join("config.yaml"))
+        .arg("--first-stage")
+        .arg(ae_dir.join("first_stage.safetensors"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&ldm_dir)
+        .args(["--batch-size", &recipe.ldm_batch.to_string()])
+        .args(["--steps-per-epoch", &recipe.ldm_steps.to_string()])
+        .args(["--epochs", &recipe.ldm_epochs.to_string()])
+        .args(["--lr", &recipe.ldm_lr.to_string()])
+        .args(["--warmup", &recipe.warmup.to_string()])
+        .args(["--ema-decay", &recipe.ema.to_string(), "--ucg", "0.1", "--device", &device]))?;
+
+    stage("f16 weights");
+    let weights = if smoke {
+        out.join("model-f16.safetensors")
+    } else {
+        assets.join("model.safetensors")
+    };
+    let bytes = to_f16(&ldm_dir.join("model.safetensors"), &weights)?;
+    eprintln!("wrote {} ({:.1} MB)", weights.display(), bytes as f64 / 1e6);
+
+    stage("evaluation: ldm eval shapes");
+    run(ldm_cmd()
+        .args(["eval", "shapes", "--json"])
+        .arg("--ckpt")
+        .arg(&weights)
+        .arg("--config")
+        .arg(assets.join("config.yaml"))
+        .arg("--outdir")
+        .arg(out.join("eval"))
+        .args(&recipe.eval)
+        .args(["--device", &device]))?;
+    stage("done");
+    if !smoke {
+        eprintln!(
+            "the demo model is installed in {}; rebuild `ldm` to embed it",
+            weights.display()
+        );
+    }
+    Ok(())
+}
+
+/// Copies a safetensors file, storing f32 tensors as f16 (other dtypes and 0-d tensors unchanged,
+/// BERT's unused `to_logits` head dropped); returns the size.
+fn to_f16(src: &Path, dst: &Path) -> Result<usize> {
+    use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+    let bytes = std::fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+    let st = SafeTensors::deserialize(&bytes)?;
+    let mut converted: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        // BERT's language-model head is never used by the embedder (the loader accepts its absence).
+        if name.contains("to_logits.") {
+            continue;
+        }
+        // 0-d tensors (scale_factor) stay f32.
+        let (dtype, data) = if view.dtype() == Dtype::F32 && !view.shape().is_empty() {
+            let data: Vec<u8> = view
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| {
+                    half::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .to_le_bytes()
+                })
+                .collect();
+            (Dtype::F16, data)
+        } else {
+            (view.dtype(), view.data().to_vec())
+        };
+        converted.push((name, dtype, view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, TensorView<'_>)> = converted
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    let out = safetensors::serialize(views, None)?;
+    std::fs::write(dst, &out).with_context(|| format!("writing {}", dst.display()))?;
+    Ok(out.len())
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let mut args = args.to_vec();
+    let features: Vec<String> = take_opt(&mut args, "--features")
+        .map(|f| f.split(',').map(String::from).collect())
+        .unwrap_or_default();
+    let ldm = release_ldm(&features)?;
+    run(Command::new(ldm)
+        .current_dir(root())
+        .arg("bench")
+        .arg("--torch")
+        .arg(root().join("xtask/bench/bench_torch.py"))
+        .args(&args))
 }

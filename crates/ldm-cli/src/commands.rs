@@ -195,25 +195,32 @@ fn device(spec: &str) -> Result<Device> {
     Ok(ldm::device::parse_device(spec)?)
 }
 
-fn load(args: &ModelArgs) -> Result<(Pipeline, Device)> {
+pub(crate) fn load(args: &ModelArgs) -> Result<(Pipeline, Device)> {
     let device = device(&args.device)?;
     let t = Instant::now();
-    let pipe = Pipeline::from_files(
-        &args.ckpt,
-        &PipelineOptions {
-            config: args.config.clone(),
-            preset: args.preset.clone(),
-            tokenizer: args.tokenizer.clone(),
-            use_ema: args.use_ema,
-            allow_missing: args.allow_missing,
-            precision: args.precision,
-        },
-        &device,
-    )
-    .with_context(|| format!("loading {}", args.ckpt.display()))?;
+    let options = PipelineOptions {
+        config: args.config.clone(),
+        preset: args.preset.clone(),
+        tokenizer: args.tokenizer.clone(),
+        use_ema: args.use_ema,
+        allow_missing: args.allow_missing,
+        precision: args.precision,
+    };
+    let pipe = match &args.ckpt {
+        Some(ckpt) => Pipeline::from_files(ckpt, &options, &device)
+            .with_context(|| format!("loading {}", ckpt.display()))?,
+        None => {
+            let pipe = Pipeline::demo(&options, &device).context("loading the built-in demo model")?;
+            tracing::info!(
+                "no --ckpt: using the built-in demo model ({}, 64x64 shapes, e.g. \"a large red circle on a blue background\")",
+                ldm::demo::NAME
+            );
+            pipe
+        }
+    };
     tracing::info!(
         "loaded {} ({}) in {:.1}s",
-        args.ckpt.display(),
+        pipe.source.display(),
         pipe.name,
         t.elapsed().as_secs_f64()
     );
@@ -277,7 +284,10 @@ fn run_batches(
         }
         requests[0].0.x_t = Some(x);
     }
-    let hash = output::model_hash(&pipe.source);
+    let hash = match ldm::demo::weights().filter(|_| pipe.name == ldm::demo::NAME) {
+        Some(bytes) => output::bytes_hash(bytes),
+        None => output::model_hash(&pipe.source),
+    };
     let mut noise = SeededNoise::new(s.seed);
     let start = Instant::now();
     let mut images: Vec<RgbImage> = Vec::new();
@@ -350,7 +360,7 @@ fn run_batches(
     Ok(())
 }
 
-fn native_size(pipe: &Pipeline) -> usize {
+pub(crate) fn native_size(pipe: &Pipeline) -> usize {
     pipe.model.model.unet.image_size() * pipe.model.downsample
 }
 

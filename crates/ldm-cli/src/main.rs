@@ -1,7 +1,9 @@
 //! `ldm`: generate images with latent diffusion models (CompVis LDM / Stable Diffusion v1) from
 //! CompVis checkpoints + YAML, single-file SD checkpoints or diffusers folders.
 
+mod bench;
 mod commands;
+mod demo;
 mod output;
 mod train;
 
@@ -43,14 +45,23 @@ enum Command {
     /// Train a first stage or a latent diffusion model (Burn's Learner and its dashboard).
     #[command(subcommand)]
     Train(train::Train),
+    /// Write a procedural dataset (the demo model's "shapes").
+    #[command(subcommand)]
+    Data(demo::Data),
+    /// Score a model against its prompts (the demo model's "shapes" classifier).
+    #[command(subcommand)]
+    Eval(demo::Eval),
+    /// Time the SD-v1 workloads (UNet step, VAE decode, CLIP, txt2img) with random weights.
+    Bench(bench::Bench),
 }
 
 /// Which model to load and where to run it.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Checkpoint: CompVis/SD `.ckpt` or `.safetensors`, or a diffusers folder.
+    /// Checkpoint: CompVis/SD `.ckpt` or `.safetensors`, or a diffusers folder (default: the
+    /// built-in demo model, 64x64 shapes: "a large red circle on a blue background").
     #[arg(long)]
-    pub ckpt: PathBuf,
+    pub ckpt: Option<PathBuf>,
     /// CompVis YAML config (default: recognise the checkpoint's layout among the built-in presets).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -104,6 +115,9 @@ fn main() -> ExitCode {
         Command::Autoencode(a) => commands::autoencode(a),
         Command::Inspect(a) => commands::inspect(a),
         Command::Train(t) => train::run(t),
+        Command::Data(d) => demo::data(d),
+        Command::Eval(e) => demo::eval(e),
+        Command::Bench(b) => bench::run(b),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

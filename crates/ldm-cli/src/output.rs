@@ -284,6 +284,17 @@ pub fn read_npy(path: &Path, device: &Device) -> Result<Tensor<4>> {
     Ok(Tensor::from_data(TensorData::new(data, shape), device))
 }
 
+/// [`model_hash`] of weights held in memory.
+pub fn bytes_hash(bytes: &[u8]) -> String {
+    let buf = if bytes.len() > 0x110000 {
+        &bytes[0x100000..0x110000]
+    } else {
+        bytes
+    };
+    let d = Sha256::digest(buf);
+    d.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
 /// Short model hash for metadata: sha256 of 64 KiB at offset 1 MiB (the whole file if smaller;
 /// A1111's legacy "Model hash"), first 8 hex digits; folders hash their UNet weights file.
 pub fn model_hash(path: &Path) -> String {

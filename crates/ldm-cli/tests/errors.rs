@@ -249,6 +249,9 @@ fn every_subcommand_has_help() {
         "upscale",
         "autoencode",
         "inspect",
+        "bench",
+        "data",
+        "eval",
     ] {
         let out = ldm(&[sub, "--help"]);
         assert_ok(&out);

@@ -22,6 +22,7 @@
 //! ```
 
 pub mod conditioning;
+pub mod demo;
 pub mod device;
 pub mod error;
 pub mod io;

@@ -112,6 +112,21 @@ impl StateDict {
         })
     }
 
+    /// Reads safetensors bytes held in memory (the built-in demo model); `source` names them in
+    /// reports.
+    pub fn from_safetensors_bytes(bytes: Vec<u8>, source: impl Into<PathBuf>) -> Result<Self> {
+        let source = source.into();
+        let mut store = SafetensorsStore::from_bytes(Some(bytes));
+        let tensors = store
+            .get_all_tensors()
+            .map_err(|e| Error::Read {
+                path: source.clone(),
+                message: e.to_string(),
+            })?
+            .clone();
+        Ok(Self { tensors, source })
+    }
+
     /// Builds a state dict from tensors already in memory (e.g. for tests or converters).
     pub fn from_tensors(
         tensors: impl IntoIterator<Item = PackTensor>,
@@ -317,11 +332,18 @@ pub fn load_into<M: Module>(
         });
     }
 
-    let missing: Vec<String> = result
+    let (skipped, missing): (Vec<String>, Vec<String>) = result
         .missing
         .iter()
         .map(|(path, stack)| format!("{prefix}{}", torch_name(path, stack)))
-        .collect();
+        .partition(|k| is_unused_by_inference(k));
+    if !skipped.is_empty() {
+        tracing::info!(
+            component,
+            "{} absent from the checkpoint: the BERT embedder never uses its language-model head",
+            skipped.join(", ")
+        );
+    }
     if !missing.is_empty() && !options.allow_missing {
         return Err(Error::MissingKeys {
             component: component.to_string(),
@@ -348,6 +370,13 @@ pub fn load_into<M: Module>(
     }
     tracing::info!("{report}");
     Ok(report)
+}
+
+/// Parameters a checkpoint may leave out because no forward pass reads them: the language-model
+/// head (`to_logits`) of LDM's BERT `TransformerWrapper`, which the embedder never calls (the
+/// built-in demo model ships without it).
+pub fn is_unused_by_inference(key: &str) -> bool {
+    key.ends_with("to_logits.weight") || key.ends_with("to_logits.bias")
 }
 
 /// Every parameter of `module` as `(PyTorch state-dict key, PyTorch shape)`, without materialising

@@ -1,6 +1,7 @@
 //! Cross-attention transformer of the UNet (CompVis `ldm/modules/attention.py`; the SD2 `use_linear`
 //! projections of Stability-AI/stablediffusion).
 
+use crate::nn::{conv2d_forward, group_norm_silu};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -277,13 +278,13 @@ impl SpatialTransformer {
     /// `x` `[B, C, H, W]`, `context` `[B, M, context_dim]` → `[B, C, H, W]`.
     pub fn forward(&self, x: Tensor<4>, context: Option<Tensor<3>>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let hn = self.norm.forward(x.clone());
+        let hn = group_norm_silu(&self.norm, x.clone(), false);
         let to_tokens = |t: Tensor<4>| {
             let ch = t.dims()[1];
             t.reshape([b, ch, h * w]).swap_dims(1, 2)
         };
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(hn)),
+            Projection::Conv(conv) => to_tokens(conv2d_forward(conv, hn)),
             Projection::Linear(lin) => lin.forward(to_tokens(hn)),
         };
         for block in &self.transformer_blocks {
@@ -292,7 +293,7 @@ impl SpatialTransformer {
         let out = match &self.proj_out {
             Projection::Conv(conv) => {
                 let inner = tokens.dims()[2];
-                conv.forward(tokens.swap_dims(1, 2).reshape([b, inner, h, w]))
+                conv2d_forward(conv, tokens.swap_dims(1, 2).reshape([b, inner, h, w]))
             }
             Projection::Linear(lin) => lin.forward(tokens).swap_dims(1, 2).reshape([b, c, h, w]),
         };

@@ -19,3 +19,8 @@ pub(crate) fn group_norm(groups: usize, c: usize, eps: f64, device: &Device) -> 
 }
 
 pub mod attention;
+pub mod conv;
+pub mod norm;
+
+pub use conv::conv2d_forward;
+pub use norm::group_norm_silu;

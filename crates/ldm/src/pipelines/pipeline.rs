@@ -128,6 +128,40 @@ impl Pipeline {
         })
     }
 
+    /// The built-in demo model ([`crate::demo`]): a text-to-image LDM for 64x64 shapes, with the
+    /// built-in BERT tokenizer. `options.config`/`preset` must be unset; `precision` applies.
+    pub fn demo(options: &PipelineOptions, device: &Device) -> Result<Self> {
+        if options.config.is_some() || options.preset.is_some() {
+            return Err(Error::Config(
+                "the built-in demo model has its own config; --config/--preset need --ckpt".into(),
+            ));
+        }
+        let sd = crate::demo::state_dict()?;
+        let spec = LdmSpec::from_yaml_str(crate::demo::CONFIG_YAML)?;
+        let tokenizer = options
+            .tokenizer
+            .as_deref()
+            .map(load_tokenizer)
+            .transpose()?;
+        let (model, reports) = spec.load(
+            &sd,
+            tokenizer,
+            &CheckpointOptions {
+                use_ema: options.use_ema,
+                allow_missing: options.allow_missing,
+            },
+            device,
+        )?;
+        Ok(Self {
+            model: model.with_precision(options.precision)?,
+            name: crate::demo::NAME.into(),
+            source: sd.source().to_path_buf(),
+            spacing: TimestepSpacing::Leading,
+            steps_offset: 1,
+            reports,
+        })
+    }
+
     /// Sampler options with this model's spacing defaults.
     pub fn sampler(&self, kind: SamplerKind, steps: usize) -> SamplerOptions {
         SamplerOptions {

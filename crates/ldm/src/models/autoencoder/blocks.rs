@@ -2,6 +2,7 @@
 //! `ldm/modules/diffusionmodules/model.py`). Field names equal the reference's attribute names, so
 //! state-dict keys map one to one.
 
+use crate::nn::{conv2d_forward, group_norm_silu};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -87,16 +88,14 @@ impl ResnetBlockConfig {
 impl ResnetBlock {
     /// `x`: `[B, C_in, H, W]`, `temb`: `[B, temb_channels]` (only with `temb_proj`) → `[B, C_out, H, W]`.
     pub fn forward(&self, x: Tensor<4>, temb: Option<Tensor<2>>) -> Tensor<4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let mut h = conv2d_forward(&self.conv1, group_norm_silu(&self.norm1, x.clone(), true));
         if let (Some(proj), Some(temb)) = (&self.temb_proj, temb) {
             h = h + proj.forward(silu(temb)).unsqueeze_dims::<4>(&[2, 3]);
         }
-        let h = self
-            .conv2
-            .forward(self.dropout.forward(silu(self.norm2.forward(h))));
+        let h = conv2d_forward(&self.conv2, self.dropout.forward(group_norm_silu(&self.norm2, h, true)));
         let skip = match (&self.conv_shortcut, &self.nin_shortcut) {
-            (Some(c), _) => c.forward(x),
-            (None, Some(c)) => c.forward(x),
+            (Some(c), _) => conv2d_forward(c, x),
+            (None, Some(c)) => conv2d_forward(c, x),
             (None, None) => x,
         };
         skip + h
@@ -137,22 +136,22 @@ impl AttnBlock {
     /// `[B, C, H, W]` → `[B, C, H, W]`; softmax(q kᵀ / √C) v over the H·W positions.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let hn = self.norm.forward(x.clone());
+        let hn = group_norm_silu(&self.norm, x.clone(), false);
         // [B, C, H, W] -> [B, 1, HW, C]: one head holding all channels.
         let tokens = |t: Tensor<4>| {
             t.reshape([b, c, h * w])
                 .swap_dims(1, 2)
                 .unsqueeze_dim::<4>(1)
         };
-        let q = tokens(self.q.forward(hn.clone()));
-        let k = tokens(self.k.forward(hn.clone()));
-        let v = tokens(self.v.forward(hn));
+        let q = tokens(conv2d_forward(&self.q, hn.clone()));
+        let k = tokens(conv2d_forward(&self.k, hn.clone()));
+        let v = tokens(conv2d_forward(&self.v, hn));
         let out = scaled_dot_product(q, k, v, (c as f64).powf(-0.5), self.attention_mode); // [B, 1, HW, C]
         let out = out
             .reshape([b, h * w, c])
             .swap_dims(1, 2)
             .reshape([b, c, h, w]);
-        x + self.proj_out.forward(out)
+        x + conv2d_forward(&self.proj_out, out)
     }
 }
 
@@ -252,7 +251,7 @@ impl Upsample {
             InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]),
         );
         match &self.conv {
-            Some(conv) => conv.forward(x),
+            Some(conv) => conv2d_forward(conv, x),
             None => x,
         }
     }

@@ -1,9 +1,9 @@
 //! `Decoder`: latent → image (CompVis `model.py`).
 
+use crate::nn::{conv2d_forward, group_norm_silu};
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 
 use super::blocks::{AttnLayer, ResnetBlock, Upsample};
@@ -104,7 +104,7 @@ impl Decoder {
     }
 
     fn features(&self, z: Tensor<4>) -> Tensor<4> {
-        let mut h = self.mid.forward(self.conv_in.forward(z));
+        let mut h = self.mid.forward(conv2d_forward(&self.conv_in, z));
         for level in self.up.iter().rev() {
             for (i, block) in level.block.iter().enumerate() {
                 h = block.forward(h, None);
@@ -120,8 +120,8 @@ impl Decoder {
     }
 
     fn forward_parts_from(&self, h: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let pre = silu(self.norm_out.forward(h));
-        let out = self.conv_out.forward(pre.clone());
+        let pre = group_norm_silu(&self.norm_out, h, true);
+        let out = conv2d_forward(&self.conv_out, pre.clone());
         let out = if self.tanh_out { out.tanh() } else { out };
         (pre, out)
     }

@@ -1,9 +1,9 @@
 //! `Encoder`: image → latent moments (CompVis `model.py`).
 
+use crate::nn::{conv2d_forward, group_norm_silu};
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 
 use super::blocks::{AttnLayer, Downsample, ResnetBlock, ResnetBlockConfig};
@@ -123,7 +123,7 @@ impl Encoder {
 
     /// `[B, C, H, W]` → moments `[B, 2z | z, H/f, W/f]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut h = self.conv_in.forward(x);
+        let mut h = conv2d_forward(&self.conv_in, x);
         for level in &self.down {
             for (i, block) in level.block.iter().enumerate() {
                 h = block.forward(h, None);
@@ -136,6 +136,6 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(h);
-        self.conv_out.forward(silu(self.norm_out.forward(h)))
+        conv2d_forward(&self.conv_out, group_norm_silu(&self.norm_out, h, true))
     }
 }

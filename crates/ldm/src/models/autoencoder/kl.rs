@@ -1,5 +1,6 @@
 //! `AutoencoderKL` (CompVis `ldm/models/autoencoder.py`).
 
+use crate::nn::conv2d_forward;
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -77,12 +78,12 @@ pub struct AutoencoderKL {
 impl AutoencoderKL {
     /// `[B, 3, H, W]` in [-1, 1] → posterior over `[B, embed_dim, H/f, W/f]`.
     pub fn encode(&self, x: Tensor<4>) -> DiagonalGaussianDistribution {
-        DiagonalGaussianDistribution::new(self.quant_conv.forward(self.encoder.forward(x)))
+        DiagonalGaussianDistribution::new(conv2d_forward(&self.quant_conv, self.encoder.forward(x)))
     }
 
     /// `[B, embed_dim, h, w]` → `[B, 3, h·f, w·f]`.
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
-        self.decoder.forward(self.post_quant_conv.forward(z))
+        self.decoder.forward(conv2d_forward(&self.post_quant_conv, z))
     }
 
     /// Reconstruction through a posterior sample (`sample_posterior`) or its mode.

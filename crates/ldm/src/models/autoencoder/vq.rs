@@ -1,6 +1,7 @@
 //! `VectorQuantizer` (taming `VectorQuantizer2`) and `VQModel` / `VQModelInterface`
 //! (CompVis `ldm/models/autoencoder.py`).
 
+use crate::nn::conv2d_forward;
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -197,7 +198,7 @@ pub struct VQModel {
 impl VQModel {
     /// `[B, 3, H, W]` → pre-quantisation latent `[B, embed_dim, H/f, W/f]`.
     pub fn encode_to_prequant(&self, x: Tensor<4>) -> Tensor<4> {
-        self.quant_conv.forward(self.encoder.forward(x))
+        conv2d_forward(&self.quant_conv, self.encoder.forward(x))
     }
 
     /// `VQModel.encode`: encode and quantise.
@@ -207,7 +208,7 @@ impl VQModel {
 
     /// `VQModel.decode`: quantised latent → image.
     pub fn decode(&self, quant: Tensor<4>) -> Tensor<4> {
-        self.decoder.forward(self.post_quant_conv.forward(quant))
+        self.decoder.forward(conv2d_forward(&self.post_quant_conv, quant))
     }
 
     /// Code indices `[B, h, w]` → image.

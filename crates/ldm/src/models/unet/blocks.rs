@@ -1,6 +1,7 @@
 //! `ResBlock`, `Downsample`, `Upsample` of the UNet (not the autoencoder's: GroupNorm eps 1e-5,
 //! symmetric padding, time-embedding input).
 
+use crate::nn::{conv2d_forward, group_norm_silu};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::activation::SiLU;
@@ -45,7 +46,7 @@ impl Upsample {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = nearest_x2(x);
         match &self.conv {
-            Some(c) => c.forward(x),
+            Some(c) => conv2d_forward(c, x),
             None => x,
         }
     }
@@ -182,16 +183,13 @@ impl ResBlock {
 
     /// `x` `[B, C, H, W]`, `emb` `[B, emb_channels]` → `[B, C_out, H', W']`.
     pub fn forward(&self, x: Tensor<4>, emb: Tensor<2>) -> Tensor<4> {
-        let h = self
-            .in_layers
-            .1
-            .forward(self.in_layers.0.forward(x.clone()));
+        let h = group_norm_silu(&self.in_layers.0, x.clone(), true);
         let (h, x) = if self.up || self.down {
             (self.resample(h), self.resample(x))
         } else {
             (h, x)
         };
-        let h = self.in_layers.2.forward(h);
+        let h = conv2d_forward(&self.in_layers.2, h);
         let e = self
             .emb_layers
             .1
@@ -206,13 +204,13 @@ impl ResBlock {
         let h = if self.use_scale_shift_norm {
             let mut parts = e.chunk(2, 1).into_iter();
             let (scale, shift) = (parts.next().expect("scale"), parts.next().expect("shift"));
-            let h = norm.forward(h) * (scale + 1.0) + shift;
-            conv.forward(drop.forward(act.forward(h)))
+            let h = group_norm_silu(norm, h, false) * (scale + 1.0) + shift;
+            conv2d_forward(conv, drop.forward(act.forward(h)))
         } else {
-            conv.forward(drop.forward(act.forward(norm.forward(h + e))))
+            conv2d_forward(conv, drop.forward(group_norm_silu(norm, h + e, true)))
         };
         let skip = match &self.skip_connection {
-            Some(c) => c.forward(x),
+            Some(c) => conv2d_forward(c, x),
             None => x,
         };
         skip + h

@@ -1,5 +1,6 @@
 //! `UNetModel`.
 
+use crate::nn::{conv2d_forward, group_norm_silu};
 use burn::module::Module;
 use burn::nn::activation::SiLU;
 use burn::nn::conv::Conv2d;
@@ -36,7 +37,7 @@ pub enum UNetLayer {
 impl UNetLayer {
     fn forward(&self, x: Tensor<4>, emb: &Tensor<2>, context: &Option<Tensor<3>>) -> Tensor<4> {
         match self {
-            Self::Conv(c) => c.forward(x),
+            Self::Conv(c) => conv2d_forward(c, x),
             Self::Res(r) => r.forward(x, emb.clone()),
             Self::Transformer(t) => t.forward(x, context.clone()),
             Self::Attention(a) => a.forward(x),
@@ -278,9 +279,7 @@ impl UNetModel {
             let skip = hs.pop().expect("one skip per output block");
             h = run(block, Tensor::cat(vec![h, skip], 1), &emb, &context);
         }
-        self.out
-            .2
-            .forward(self.out.1.forward(self.out.0.forward(h)))
+        conv2d_forward(&self.out.2, group_norm_silu(&self.out.0, h, true))
     }
 
     /// [`forward`](Self::forward) after checking shapes and the presence of context / labels.
