@@ -180,7 +180,13 @@ fn train_demo(args: &[String]) -> Result<()> {
         FULL
     };
     let root = root();
-    let out = out.unwrap_or_else(|| root.join(if smoke { "target/demo-smoke" } else { "target/demo" }));
+    let out = out.unwrap_or_else(|| {
+        root.join(if smoke {
+            "target/demo-smoke"
+        } else {
+            "target/demo"
+        })
+    });
     let ldm = match ldm {
         Some(p) => p,
         None => release_ldm(&[])?,
@@ -200,23 +206,39 @@ fn train_demo(args: &[String]) -> Result<()> {
 
     stage("dataset: ldm data shapes");
     run(ldm_cmd()
-        .args(["data", "shapes", "--seed", "0", "--n", &recipe.images.to_string()])
+        .args([
+            "data",
+            "shapes",
+            "--seed",
+            "0",
+            "--n",
+            &recipe.images.to_string(),
+        ])
         .arg("--out")
         .arg(&data))?;
 
     stage("first stage: ldm train autoencoder");
     let ae_dir = out.join("autoencoder");
     let mut ae = ldm_cmd();
-    ae.args(["train", "autoencoder", "--size", "64", "--seed", "0", "--epochs", "1"])
-        .arg("--config")
-        .arg(assets.join("autoencoder.yaml"))
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&ae_dir)
-        .args(["--batch-size", &recipe.ae_batch.to_string()])
-        .args(["--steps-per-epoch", &recipe.ae_steps.to_string()])
-        .args(["--lr", &recipe.ae_lr.to_string(), "--device", &device]);
+    ae.args([
+        "train",
+        "autoencoder",
+        "--size",
+        "64",
+        "--seed",
+        "0",
+        "--epochs",
+        "1",
+    ])
+    .arg("--config")
+    .arg(assets.join("autoencoder.yaml"))
+    .arg("--data")
+    .arg(&data)
+    .arg("--out")
+    .arg(&ae_dir)
+    .args(["--batch-size", &recipe.ae_batch.to_string()])
+    .args(["--steps-per-epoch", &recipe.ae_steps.to_string()])
+    .args(["--lr", &recipe.ae_lr.to_string(), "--device", &device]);
     if let (Some(v), Some(l)) = (&vgg, &lin) {
         ae.args(["--lpips-vgg", v, "--lpips-lin", l]);
     }
@@ -225,7 +247,15 @@ fn train_demo(args: &[String]) -> Result<()> {
     stage("latent diffusion: ldm train diffusion");
     let ldm_dir = out.join("diffusion");
     run(ldm_cmd()
-        .args(["train", "diffusion", "--size", "64", "--seed", "0", "--flip"])
+        .args([
+            "train",
+            "diffusion",
+            "--size",
+            "64",
+            "--seed",
+            "0",
+            "--flip",
+        ])
         .arg("--config")
         .arg(assets.join("config.yaml"))
         .arg("--first-stage")
@@ -239,7 +269,14 @@ fn train_demo(args: &[String]) -> Result<()> {
         .args(["--epochs", &recipe.ldm_epochs.to_string()])
         .args(["--lr", &recipe.ldm_lr.to_string()])
         .args(["--warmup", &recipe.warmup.to_string()])
-        .args(["--ema-decay", &recipe.ema.to_string(), "--ucg", "0.1", "--device", &device]))?;
+        .args([
+            "--ema-decay",
+            &recipe.ema.to_string(),
+            "--ucg",
+            "0.1",
+            "--device",
+            &device,
+        ]))?;
 
     stage("f16 weights");
     let weights = if smoke {
@@ -289,8 +326,7 @@ fn to_f16(src: &Path, dst: &Path) -> Result<usize> {
                 .data()
                 .chunks_exact(4)
                 .flat_map(|c| {
-                    half::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .to_le_bytes()
+                    half::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
                 })
                 .collect();
             (Dtype::F16, data)

@@ -149,7 +149,11 @@ fn spec(preset: &str) -> Result<LdmSpec> {
 }
 
 /// Times `f` (which must end with a read back to the host so queued GPU work is counted).
-fn time(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(Vec<f64>, Vec<f64>)> {
+fn time(
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut once = || -> Result<f64> {
         let t = Instant::now();
         f()?;
@@ -175,7 +179,8 @@ fn run_one(b: &Bench, workload: &str, device: &Device) -> Result<Timing> {
             if b.precision != Precision::F32 {
                 unet = ldm::device::cast_module(unet, dtype);
             }
-            let side = if workload == "unet-32" { 32 } else { 64 } / if b.preset == "tiny" { 2 } else { 1 };
+            let side = if workload == "unet-32" { 32 } else { 64 }
+                / if b.preset == "tiny" { 2 } else { 1 };
             let c = unet.in_channels();
             let ctx = unet.context_dim().unwrap_or(768);
             let x = Tensor::<4>::random([2, c, side, side], Distribution::Normal(0.0, 1.0), device)
@@ -197,7 +202,8 @@ fn run_one(b: &Bench, workload: &str, device: &Device) -> Result<Timing> {
             if b.precision != Precision::F32 {
                 vae = ldm::device::cast_module(vae, dtype);
             }
-            let side = if workload == "vae-32" { 32 } else { 64 } / if b.preset == "tiny" { 4 } else { 1 };
+            let side =
+                if workload == "vae-32" { 32 } else { 64 } / if b.preset == "tiny" { 4 } else { 1 };
             let z = Tensor::<4>::random([1, 4, side, side], Distribution::Normal(0.0, 1.0), device)
                 .cast(dtype);
             let build_s = build.elapsed().as_secs_f64();
@@ -250,7 +256,12 @@ fn run_one(b: &Bench, workload: &str, device: &Device) -> Result<Timing> {
     }
 }
 
-fn finish(workload: &str, (warmup_s, runs_s): (Vec<f64>, Vec<f64>), build_s: f64, device: &Device) -> Result<Timing> {
+fn finish(
+    workload: &str,
+    (warmup_s, runs_s): (Vec<f64>, Vec<f64>),
+    build_s: f64,
+    device: &Device,
+) -> Result<Timing> {
     let mut sorted = runs_s.clone();
     sorted.sort_by(f64::total_cmp);
     let median_s = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
@@ -273,10 +284,22 @@ fn finish(workload: &str, (warmup_s, runs_s): (Vec<f64>, Vec<f64>), build_s: f64
 fn child(b: &Bench, workload: &str) -> Result<Timing> {
     let exe = std::env::current_exe().context("locating the ldm binary")?;
     let out = Command::new(exe)
-        .args(["-q", "bench", "--in-process", "--json", "--workload", workload])
+        .args([
+            "-q",
+            "bench",
+            "--in-process",
+            "--json",
+            "--workload",
+            workload,
+        ])
         .args(["--preset", &b.preset, "--device", &b.device])
         .args(["--precision", &b.precision.to_string()])
-        .args(["--runs", &b.runs.to_string(), "--warmup", &b.warmup.to_string()])
+        .args([
+            "--runs",
+            &b.runs.to_string(),
+            "--warmup",
+            &b.warmup.to_string(),
+        ])
         .output()
         .context("starting the bench child process")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -296,9 +319,14 @@ fn child(b: &Bench, workload: &str) -> Result<Timing> {
 /// Runs the PyTorch script on one workload.
 fn torch(b: &Bench, script: &PathBuf, workload: &str) -> Result<(Timing, serde_json::Value)> {
     let threads = b.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     });
-    let gpu = ["cuda", "wgpu", "vulkan"].iter().any(|p| b.device.starts_with(p)) && !b.device.ends_with(":cpu");
+    let gpu = ["cuda", "wgpu", "vulkan"]
+        .iter()
+        .any(|p| b.device.starts_with(p))
+        && !b.device.ends_with(":cpu");
     let device = b
         .torch_device
         .clone()
@@ -308,7 +336,12 @@ fn torch(b: &Bench, script: &PathBuf, workload: &str) -> Result<(Timing, serde_j
         .args(["--workload", workload, "--device", &device])
         .args(["--dtype", &b.precision.to_string()])
         .args(["--threads", &threads.to_string()])
-        .args(["--runs", &b.runs.to_string(), "--warmup", &b.warmup.to_string()])
+        .args([
+            "--runs",
+            &b.runs.to_string(),
+            "--warmup",
+            &b.warmup.to_string(),
+        ])
         .output()
         .with_context(|| format!("starting {} {}", b.python, script.display()))?;
     if !out.status.success() {
@@ -339,11 +372,17 @@ pub fn run(b: Bench) -> Result<()> {
     let names: Vec<String> = if b.workload == "all" {
         WORKLOADS.iter().map(|w| w.0.to_string()).collect()
     } else {
-        b.workload.split(',').map(|s| s.trim().to_string()).collect()
+        b.workload
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect()
     };
     for n in &names {
         if !WORKLOADS.iter().any(|w| w.0 == n) {
-            bail!("unknown workload `{n}` (expected {} or all)", WORKLOADS.map(|w| w.0).join(", "));
+            bail!(
+                "unknown workload `{n}` (expected {} or all)",
+                WORKLOADS.map(|w| w.0).join(", ")
+            );
         }
     }
     if b.in_process {
@@ -353,7 +392,12 @@ pub fn run(b: Bench) -> Result<()> {
             if b.json {
                 println!("{}", t.json());
             } else {
-                println!("{n}: median {:.3}s (warm-up {:?}), peak {}", t.median_s, t.warmup_s, mib(t.peak_bytes));
+                println!(
+                    "{n}: median {:.3}s (warm-up {:?}), peak {}",
+                    t.median_s,
+                    t.warmup_s,
+                    mib(t.peak_bytes)
+                );
             }
         }
         return Ok(());
@@ -365,7 +409,9 @@ pub fn run(b: Bench) -> Result<()> {
         b.precision,
         b.runs,
         b.warmup,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     );
     if b.torch.is_some() {
         println!(
@@ -373,14 +419,20 @@ pub fn run(b: Bench) -> Result<()> {
             "workload", "ldm", "warm-up", "peak", "PyTorch", "peak", "ldm/PyTorch"
         );
     } else {
-        println!("{:<13} {:>10} {:>10} {:>12}", "workload", "ldm", "warm-up", "peak");
+        println!(
+            "{:<13} {:>10} {:>10} {:>12}",
+            "workload", "ldm", "warm-up", "peak"
+        );
     }
     for n in &names {
         let ours = child(&b, n)?;
         if b.json {
             println!("{}", ours.json());
         }
-        let warm = ours.warmup_s.first().map_or("-".into(), |w| format!("{w:.2}s"));
+        let warm = ours
+            .warmup_s
+            .first()
+            .map_or("-".into(), |w| format!("{w:.2}s"));
         match &b.torch {
             Some(script) => {
                 let (pt, raw) = torch(&b, script, n)?;
@@ -398,7 +450,13 @@ pub fn run(b: Bench) -> Result<()> {
                     ours.median_s / pt.median_s
                 );
             }
-            None => println!("{:<13} {:>9.3}s {:>10} {:>12}", n, ours.median_s, warm, mib(ours.peak_bytes)),
+            None => println!(
+                "{:<13} {:>9.3}s {:>10} {:>12}",
+                n,
+                ours.median_s,
+                warm,
+                mib(ours.peak_bytes)
+            ),
         }
     }
     Ok(())

@@ -210,7 +210,8 @@ pub(crate) fn load(args: &ModelArgs) -> Result<(Pipeline, Device)> {
         Some(ckpt) => Pipeline::from_files(ckpt, &options, &device)
             .with_context(|| format!("loading {}", ckpt.display()))?,
         None => {
-            let pipe = Pipeline::demo(&options, &device).context("loading the built-in demo model")?;
+            let pipe =
+                Pipeline::demo(&options, &device).context("loading the built-in demo model")?;
             tracing::info!(
                 "no --ckpt: using the built-in demo model ({}, 64x64 shapes, e.g. \"a large red circle on a blue background\")",
                 ldm::demo::NAME

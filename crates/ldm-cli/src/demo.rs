@@ -130,18 +130,16 @@ struct Score {
 }
 
 impl Score {
-    fn pct(&self, k: usize) -> f64 {
-        100.0 * k as f64 / self.n.max(1) as f64
+    /// Colour, background, shape, size and all-correct rates, in percent.
+    fn percents(&self) -> [f64; 5] {
+        [self.color, self.background, self.shape, self.size, self.all]
+            .map(|k| 100.0 * k as f64 / self.n.max(1) as f64)
     }
     fn json(&self) -> String {
+        let [c, b, sh, si, all] = self.percents();
         format!(
-            "{{\"n\":{},\"color\":{:.2},\"background\":{:.2},\"shape\":{:.2},\"size\":{:.2},\"all\":{:.2}}}",
-            self.n,
-            self.pct(self.color),
-            self.pct(self.background),
-            self.pct(self.shape),
-            self.pct(self.size),
-            self.pct(self.all)
+            "{{\"n\":{},\"color\":{c:.2},\"background\":{b:.2},\"shape\":{sh:.2},\"size\":{si:.2},\"all\":{all:.2}}}",
+            self.n
         )
     }
 }
@@ -154,7 +152,9 @@ pub fn eval(e: Eval) -> Result<()> {
     let (pipe, _device) = load(&a.model)?;
     let size = native_size(&pipe);
     if size != SIZE {
-        tracing::warn!("the model's native size is {size}, the shapes are {SIZE}: sampling at {SIZE}");
+        tracing::warn!(
+            "the model's native size is {size}, the shapes are {SIZE}: sampling at {SIZE}"
+        );
     }
     // Held-out combinations, and an evenly spread, fixed subset of the training ones.
     let held = held_out();
@@ -185,7 +185,10 @@ pub fn eval(e: Eval) -> Result<()> {
         let text: Vec<String> = chunk.iter().map(|(_, c, s)| c.caption(*s)).collect();
         let cond = pipe.model.text_conditioning(&text)?;
         let uncond = (a.scale != 1.0)
-            .then(|| pipe.model.text_conditioning(&vec![String::new(); text.len()]))
+            .then(|| {
+                pipe.model
+                    .text_conditioning(&vec![String::new(); text.len()])
+            })
             .transpose()?;
         let mut sampler = pipe.sampler(a.sampler, a.steps);
         sampler.eta = a.eta;
@@ -197,7 +200,8 @@ pub fn eval(e: Eval) -> Result<()> {
         };
         let z = pipe.model.sample_latents(&request, &mut noise, None)?;
         let batch = output::to_images(pipe.model.decode_latents(z));
-        for ((group, combo, size), (img, caption)) in chunk.iter().zip(batch.into_iter().zip(text)) {
+        for ((group, combo, size), (img, caption)) in chunk.iter().zip(batch.into_iter().zip(text))
+        {
             let got = classify(&img.data, img.width, img.height);
             let sc = &mut scores[*group];
             sc.n += 1;
@@ -245,22 +249,25 @@ pub fn eval(e: Eval) -> Result<()> {
         format!("seen ({} combinations x 2 sizes)", seen.len()),
     ];
     for (name, s) in names.iter().zip(&scores) {
+        let [c, b, sh, si, all] = s.percents();
         println!(
-            "{name:<38} {:>6} {:>7.1}% {:>10.1}% {:>7.1}% {:>7.1}% {:>16.1}%",
-            s.n,
-            s.pct(s.color),
-            s.pct(s.background),
-            s.pct(s.shape),
-            s.pct(s.size),
-            s.pct(s.all)
+            "{name:<38} {:>6} {c:>7.1}% {b:>10.1}% {sh:>7.1}% {si:>7.1}% {all:>16.1}%",
+            s.n
         );
     }
     if let Some(dir) = &a.outdir {
         std::fs::create_dir_all(dir)?;
         for (g, name) in ["held-out", "seen"].iter().enumerate() {
             let path = dir.join(format!("{name}.png"));
-            output::write_png(&path, &output::grid(&images[g], 2 * a.per_prompt), &captions[g].join(" | "))?;
-            println!("{name} grid (rows: one combination at small then large): {}", path.display());
+            output::write_png(
+                &path,
+                &output::grid(&images[g], 2 * a.per_prompt),
+                &captions[g].join(" | "),
+            )?;
+            println!(
+                "{name} grid (rows: one combination at small then large): {}",
+                path.display()
+            );
         }
     }
     if a.json {

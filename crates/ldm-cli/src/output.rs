@@ -291,8 +291,11 @@ pub fn bytes_hash(bytes: &[u8]) -> String {
     } else {
         bytes
     };
-    let d = Sha256::digest(buf);
-    d.iter().take(4).map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(buf)
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Short model hash for metadata: sha256 of 64 KiB at offset 1 MiB (the whole file if smaller;
@@ -324,8 +327,7 @@ pub fn model_hash(path: &Path) -> String {
         } else {
             f.read_to_end(&mut buf)?;
         }
-        let d = Sha256::digest(&buf);
-        Ok(d.iter().take(4).map(|b| format!("{b:02x}")).collect())
+        Ok(bytes_hash(&buf))
     };
     hash().unwrap_or_else(|_| "unknown".into())
 }

@@ -56,23 +56,38 @@ fn txt2img_without_ckpt_uses_the_built_in_demo_model() {
 #[test]
 fn demo_model_rejects_a_config_without_ckpt() {
     let out = ldm()
-        .args(["txt2img", "--prompt", "a small red circle on a white background", "--preset", "sd-v1"])
+        .args([
+            "txt2img",
+            "--prompt",
+            "a small red circle on a white background",
+            "--preset",
+            "sd-v1",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("need --ckpt") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("need --ckpt") && !err.contains("panicked"),
+        "{err}"
+    );
 }
 
 #[test]
 fn data_shapes_writes_captioned_images_the_classifier_reads_back() {
     let dir = temp_dir("demo-data");
     let out = ldm()
-        .args(["data", "shapes", "--n", "12", "--seed", "5", "--split", "held-out", "--out"])
+        .args([
+            "data", "shapes", "--n", "12", "--seed", "5", "--split", "held-out", "--out",
+        ])
         .arg(&dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let held = held_out();
     for i in 0..12 {
         let caption = std::fs::read_to_string(dir.join(format!("{i:05}.txt"))).unwrap();
@@ -82,14 +97,21 @@ fn data_shapes_writes_captioned_images_the_classifier_reads_back() {
         let got = classify(&rgb, w, h);
         assert_eq!(
             (got.color, got.background, got.shape, got.size),
-            (Some(combo.color), combo.background, Some(combo.shape), Some(size)),
+            (
+                Some(combo.color),
+                combo.background,
+                Some(combo.shape),
+                Some(size)
+            ),
             "{caption}"
         );
     }
     // Same seed, same bytes.
     let again = temp_dir("demo-data-again");
     let out = ldm()
-        .args(["data", "shapes", "--n", "3", "--seed", "5", "--split", "held-out", "--out"])
+        .args([
+            "data", "shapes", "--n", "3", "--seed", "5", "--split", "held-out", "--out",
+        ])
         .arg(&again)
         .output()
         .unwrap();
@@ -114,7 +136,17 @@ fn data_shapes_writes_captioned_images_the_classifier_reads_back() {
 fn eval_shapes_scores_held_out_and_seen_prompts() {
     let dir = temp_dir("demo-eval");
     let out = ldm()
-        .args(["eval", "shapes", "--per-prompt", "1", "--seen", "2", "--steps", "10", "--json"])
+        .args([
+            "eval",
+            "shapes",
+            "--per-prompt",
+            "1",
+            "--seen",
+            "2",
+            "--steps",
+            "10",
+            "--json",
+        ])
         .arg("--outdir")
         .arg(&dir)
         .output()

@@ -86,7 +86,11 @@ impl Combo {
             for shape in Shape::ALL {
                 for background in 0..COLORS.len() {
                     if background != color {
-                        v.push(Combo { color, shape, background });
+                        v.push(Combo {
+                            color,
+                            shape,
+                            background,
+                        });
                     }
                 }
             }
@@ -164,7 +168,10 @@ pub fn held_out() -> Vec<Combo> {
 /// The combinations training data is drawn from.
 pub fn training_combos() -> Vec<Combo> {
     let held = held_out();
-    Combo::all().into_iter().filter(|c| !held.contains(c)).collect()
+    Combo::all()
+        .into_iter()
+        .filter(|c| !held.contains(c))
+        .collect()
 }
 
 /// Half-extents (x, y) of the shape's bounding box for an equal-area radius r.
@@ -201,7 +208,12 @@ pub fn spec_for(combo: Combo, size: SizeClass, rng: &mut SplitMix64) -> ShapeSpe
     let n = SIZE as f64;
     let cx = margin + hx + (n - 2.0 * (margin + hx)) * rng.uniform();
     let cy = margin + hy + (n - 2.0 * (margin + hy)) * rng.uniform();
-    ShapeSpec { combo, size, radius, center: (cx, cy) }
+    ShapeSpec {
+        combo,
+        size,
+        radius,
+        center: (cx, cy),
+    }
 }
 
 /// Is the point inside the shape?
@@ -252,7 +264,9 @@ pub fn nearest_color(rgb: [f64; 3]) -> usize {
     (0..COLORS.len())
         .min_by(|&a, &b| {
             let d = |i: usize| {
-                (0..3).map(|c| (rgb[c] - COLORS[i].1[c] as f64).powi(2)).sum::<f64>()
+                (0..3)
+                    .map(|c| (rgb[c] - COLORS[i].1[c] as f64).powi(2))
+                    .sum::<f64>()
             };
             d(a).total_cmp(&d(b))
         })
@@ -288,7 +302,11 @@ fn median(v: &mut [f64]) -> f64 {
 /// largest 4-connected foreground component is the shape. Fill ratio < 0.64 → triangle, < 0.89 →
 /// circle, else square; area (scaled to 64x64) < 400 → small.
 pub fn classify(rgb: &[u8], width: usize, height: usize) -> Classified {
-    assert_eq!(rgb.len(), width * height * 3, "classify: buffer is not width·height·3");
+    assert_eq!(
+        rgb.len(),
+        width * height * 3,
+        "classify: buffer is not width·height·3"
+    );
     let px = |x: usize, y: usize| {
         let i = (y * width + x) * 3;
         [rgb[i] as f64, rgb[i + 1] as f64, rgb[i + 2] as f64]
@@ -304,9 +322,18 @@ pub fn classify(rgb: &[u8], width: usize, height: usize) -> Classified {
             }
         }
     }
-    let bg_rgb = [median(&mut border[0]), median(&mut border[1]), median(&mut border[2])];
+    let bg_rgb = [
+        median(&mut border[0]),
+        median(&mut border[1]),
+        median(&mut border[2]),
+    ];
     let background = nearest_color(bg_rgb);
-    let dist = |p: [f64; 3]| (0..3).map(|c| (p[c] - bg_rgb[c]).powi(2)).sum::<f64>().sqrt();
+    let dist = |p: [f64; 3]| {
+        (0..3)
+            .map(|c| (p[c] - bg_rgb[c]).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
     let fg: Vec<bool> = (0..width * height)
         .map(|i| dist(px(i % width, i / width)) > 50.0)
         .collect();
@@ -380,7 +407,11 @@ pub fn classify(rgb: &[u8], width: usize, height: usize) -> Classified {
         Shape::Square
     };
     let area64 = best.len() as f64 * (SIZE * SIZE) as f64 / (width * height) as f64;
-    let size = if area64 < 400.0 { SizeClass::Small } else { SizeClass::Large };
+    let size = if area64 < 400.0 {
+        SizeClass::Small
+    } else {
+        SizeClass::Large
+    };
     Classified {
         background,
         color: Some(color),
@@ -401,7 +432,14 @@ pub fn parse_caption(caption: &str) -> Option<(Combo, SizeClass)> {
     let color = COLORS.iter().position(|c| c.0 == w[2])?;
     let shape = Shape::ALL.into_iter().find(|s| s.name() == w[3])?;
     let background = COLORS.iter().position(|c| c.0 == w[6])?;
-    (color != background).then_some((Combo { color, shape, background }, size))
+    (color != background).then_some((
+        Combo {
+            color,
+            shape,
+            background,
+        },
+        size,
+    ))
 }
 
 #[cfg(test)]
@@ -451,7 +489,10 @@ mod tests {
             assert_eq!(parse_caption(&s.caption()), Some((s.combo, s.size)));
             assert!(!held_out().contains(&s.combo));
         }
-        assert_eq!(parse_caption("a large red circle on a red background"), None);
+        assert_eq!(
+            parse_caption("a large red circle on a red background"),
+            None
+        );
         assert_eq!(parse_caption("a big red circle on a blue background"), None);
     }
 }

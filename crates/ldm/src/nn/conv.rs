@@ -32,11 +32,18 @@ fn fast_path_kernel(conv: &Conv2d, x: &Tensor<4>) -> Option<usize> {
     if device.is_autodiff() || device != burn::tensor::Device::flex() {
         return None;
     }
-    if x.dtype() != burn::tensor::DType::F32 || conv.weight.val().dtype() != burn::tensor::DType::F32 {
+    if x.dtype() != burn::tensor::DType::F32
+        || conv.weight.val().dtype() != burn::tensor::DType::F32
+    {
         return None;
     }
     let [kh, kw] = conv.kernel_size;
-    if kh != kw || kh % 2 == 0 || conv.stride != [1, 1] || conv.dilation != [1, 1] || conv.groups != 1 {
+    if kh != kw
+        || kh % 2 == 0
+        || conv.stride != [1, 1]
+        || conv.dilation != [1, 1]
+        || conv.groups != 1
+    {
         return None;
     }
     let p = (kh - 1) / 2;
@@ -87,7 +94,10 @@ fn flex_same_conv(conv: &Conv2d, x: Tensor<4>, k: usize) -> Tensor<4> {
     let [b, c_in, h, w] = x.dims();
     let weight = conv.weight.val();
     let [c_out, wc_in, _, _] = weight.dims();
-    assert_eq!(wc_in, c_in, "conv2d: input has {c_in} channels, weight expects {wc_in}");
+    assert_eq!(
+        wc_in, c_in,
+        "conv2d: input has {c_in} channels, weight expects {wc_in}"
+    );
     let x = x.into_data();
     let x: &[f32] = x.as_slice().expect("f32 data");
     let weight = weight.into_data();
@@ -127,33 +137,36 @@ fn flex_same_conv(conv: &Conv2d, x: Tensor<4>, k: usize) -> Tensor<4> {
                 xb
             } else {
                 // col[(c·k + i)·k + j, (r − r0)·W + ow] = x[c, r + i − p, ow + j − p] (0 outside).
-                col[..kk * n].par_chunks_mut(k * k * n).enumerate().for_each(|(c, block)| {
-                    let xc = &xb[c * hw..(c + 1) * hw];
-                    for i in 0..k {
-                        for j in 0..k {
-                            let dst = &mut block[(i * k + j) * n..(i * k + j + 1) * n];
-                            for r in 0..rows {
-                                let drow = &mut dst[r * w..(r + 1) * w];
-                                let sr = (r0 + r + i) as isize - p as isize;
-                                if sr < 0 || sr >= h as isize {
-                                    drow.fill(0.0);
-                                    continue;
-                                }
-                                let srow = &xc[sr as usize * w..(sr as usize + 1) * w];
-                                let shift = j as isize - p as isize;
-                                if shift >= 0 {
-                                    let s = shift as usize;
-                                    drow[..w - s].copy_from_slice(&srow[s..]);
-                                    drow[w - s..].fill(0.0);
-                                } else {
-                                    let s = (-shift) as usize;
-                                    drow[..s].fill(0.0);
-                                    drow[s..].copy_from_slice(&srow[..w - s]);
+                col[..kk * n]
+                    .par_chunks_mut(k * k * n)
+                    .enumerate()
+                    .for_each(|(c, block)| {
+                        let xc = &xb[c * hw..(c + 1) * hw];
+                        for i in 0..k {
+                            for j in 0..k {
+                                let dst = &mut block[(i * k + j) * n..(i * k + j + 1) * n];
+                                for r in 0..rows {
+                                    let drow = &mut dst[r * w..(r + 1) * w];
+                                    let sr = (r0 + r + i) as isize - p as isize;
+                                    if sr < 0 || sr >= h as isize {
+                                        drow.fill(0.0);
+                                        continue;
+                                    }
+                                    let srow = &xc[sr as usize * w..(sr as usize + 1) * w];
+                                    let shift = j as isize - p as isize;
+                                    if shift >= 0 {
+                                        let s = shift as usize;
+                                        drow[..w - s].copy_from_slice(&srow[s..]);
+                                        drow[w - s..].fill(0.0);
+                                    } else {
+                                        let s = (-shift) as usize;
+                                        drow[..s].fill(0.0);
+                                        drow[s..].copy_from_slice(&srow[..w - s]);
+                                    }
                                 }
                             }
                         }
-                    }
-                });
+                    });
                 &col[..kk * n]
             };
             // out[:, r0·W ..] (row stride H·W) = W [C_out, kk] · rhs [kk, n] (row stride: n, or
@@ -193,7 +206,15 @@ mod tests {
     use burn::nn::conv::Conv2dConfig;
     use burn::tensor::{Device, Distribution};
 
-    fn check(c_in: usize, c_out: usize, k: usize, h: usize, w: usize, bias: bool, padding: PaddingConfig2d) {
+    fn check(
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        h: usize,
+        w: usize,
+        bias: bool,
+        padding: PaddingConfig2d,
+    ) {
         let device = Device::flex();
         let conv = Conv2dConfig::new([c_in, c_out], [k, k])
             .with_padding(padding)
@@ -205,7 +226,10 @@ mod tests {
         let reference = conv.forward(x);
         let scale = reference.clone().abs().max().into_scalar::<f64>();
         let err = (fast - reference).abs().max().into_scalar::<f64>();
-        assert!(err <= 1e-5 * scale, "k{k} {c_in}->{c_out} {h}x{w}: err {err} vs scale {scale}");
+        assert!(
+            err <= 1e-5 * scale,
+            "k{k} {c_in}->{c_out} {h}x{w}: err {err} vs scale {scale}"
+        );
     }
 
     #[test]
@@ -222,7 +246,9 @@ mod tests {
     fn other_convolutions_keep_burns_path() {
         let device = Device::flex();
         let x = Tensor::<4>::zeros([1, 4, 8, 8], &device);
-        let strided = Conv2dConfig::new([4, 4], [3, 3]).with_stride([2, 2]).init(&device);
+        let strided = Conv2dConfig::new([4, 4], [3, 3])
+            .with_stride([2, 2])
+            .init(&device);
         assert!(fast_path_kernel(&strided, &x).is_none());
         let asym = Conv2dConfig::new([4, 4], [3, 3])
             .with_padding(PaddingConfig2d::Explicit(0, 0, 1, 1))

@@ -97,14 +97,20 @@ mod tests {
     #[test]
     fn fused_group_norm_matches_burn() {
         let device = Device::flex();
-        for (c, groups, h, w, eps) in [(64, 32, 9, 7, 1e-6), (32, 8, 16, 16, 1e-5), (6, 3, 1, 1, 1e-6)] {
-            let mut norm = GroupNormConfig::new(groups, c).with_epsilon(eps).init(&device);
-            norm.gamma = norm
-                .gamma
-                .map(|g| g.map(|t| Tensor::random([c], Distribution::Normal(1.0, 0.5), &t.device())));
-            norm.beta = norm
-                .beta
-                .map(|g| g.map(|t| Tensor::random([c], Distribution::Normal(0.0, 0.5), &t.device())));
+        for (c, groups, h, w, eps) in [
+            (64, 32, 9, 7, 1e-6),
+            (32, 8, 16, 16, 1e-5),
+            (6, 3, 1, 1, 1e-6),
+        ] {
+            let mut norm = GroupNormConfig::new(groups, c)
+                .with_epsilon(eps)
+                .init(&device);
+            norm.gamma = norm.gamma.map(|g| {
+                g.map(|t| Tensor::random([c], Distribution::Normal(1.0, 0.5), &t.device()))
+            });
+            norm.beta = norm.beta.map(|g| {
+                g.map(|t| Tensor::random([c], Distribution::Normal(0.0, 0.5), &t.device()))
+            });
             let x = Tensor::<4>::random([2, c, h, w], Distribution::Normal(0.3, 2.0), &device);
             assert!(fast_path(&norm, &x));
             for with_silu in [false, true] {
@@ -113,7 +119,10 @@ mod tests {
                 let reference = if with_silu { silu(y) } else { y };
                 let scale = reference.clone().abs().max().into_scalar::<f64>();
                 let err = (fast - reference).abs().max().into_scalar::<f64>();
-                assert!(err <= 1e-5 * scale, "c{c} g{groups} silu {with_silu}: {err} vs {scale}");
+                assert!(
+                    err <= 1e-5 * scale,
+                    "c{c} g{groups} silu {with_silu}: {err} vs {scale}"
+                );
             }
         }
     }

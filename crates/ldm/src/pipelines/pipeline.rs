@@ -104,13 +104,27 @@ impl Pipeline {
             (None, Some(p)) => LdmSpec::preset_named(p)?,
             (None, None) => LdmSpec::detect(&sd, device)?,
         };
+        let name = spec.name.clone();
+        Self::from_spec(&spec, &sd, name, path.to_path_buf(), options, device)
+    }
+
+    /// A CompVis-layout model from its spec and weights (the tokenizer, EMA, missing-key and
+    /// precision options applied); CompVis sampling defaults (leading spacing, offset 1).
+    fn from_spec(
+        spec: &LdmSpec,
+        sd: &StateDict,
+        name: String,
+        source: PathBuf,
+        options: &PipelineOptions,
+        device: &Device,
+    ) -> Result<Self> {
         let tokenizer = options
             .tokenizer
             .as_deref()
             .map(load_tokenizer)
             .transpose()?;
         let (model, reports) = spec.load(
-            &sd,
+            sd,
             tokenizer,
             &CheckpointOptions {
                 use_ema: options.use_ema,
@@ -120,8 +134,8 @@ impl Pipeline {
         )?;
         Ok(Self {
             model: model.with_precision(options.precision)?,
-            name: spec.name.clone(),
-            source: path.to_path_buf(),
+            name,
+            source,
             spacing: TimestepSpacing::Leading,
             steps_offset: 1,
             reports,
@@ -138,28 +152,15 @@ impl Pipeline {
         }
         let sd = crate::demo::state_dict()?;
         let spec = LdmSpec::from_yaml_str(crate::demo::CONFIG_YAML)?;
-        let tokenizer = options
-            .tokenizer
-            .as_deref()
-            .map(load_tokenizer)
-            .transpose()?;
-        let (model, reports) = spec.load(
+        let source = sd.source().to_path_buf();
+        Self::from_spec(
+            &spec,
             &sd,
-            tokenizer,
-            &CheckpointOptions {
-                use_ema: options.use_ema,
-                allow_missing: options.allow_missing,
-            },
+            crate::demo::NAME.into(),
+            source,
+            options,
             device,
-        )?;
-        Ok(Self {
-            model: model.with_precision(options.precision)?,
-            name: crate::demo::NAME.into(),
-            source: sd.source().to_path_buf(),
-            spacing: TimestepSpacing::Leading,
-            steps_offset: 1,
-            reports,
-        })
+        )
     }
 
     /// Sampler options with this model's spacing defaults.

@@ -92,7 +92,10 @@ impl ResnetBlock {
         if let (Some(proj), Some(temb)) = (&self.temb_proj, temb) {
             h = h + proj.forward(silu(temb)).unsqueeze_dims::<4>(&[2, 3]);
         }
-        let h = conv2d_forward(&self.conv2, self.dropout.forward(group_norm_silu(&self.norm2, h, true)));
+        let h = conv2d_forward(
+            &self.conv2,
+            self.dropout.forward(group_norm_silu(&self.norm2, h, true)),
+        );
         let skip = match (&self.conv_shortcut, &self.nin_shortcut) {
             (Some(c), _) => conv2d_forward(c, x),
             (None, Some(c)) => conv2d_forward(c, x),

@@ -83,7 +83,8 @@ impl AutoencoderKL {
 
     /// `[B, embed_dim, h, w]` → `[B, 3, h·f, w·f]`.
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
-        self.decoder.forward(conv2d_forward(&self.post_quant_conv, z))
+        self.decoder
+            .forward(conv2d_forward(&self.post_quant_conv, z))
     }
 
     /// Reconstruction through a posterior sample (`sample_posterior`) or its mode.

@@ -208,7 +208,8 @@ impl VQModel {
 
     /// `VQModel.decode`: quantised latent → image.
     pub fn decode(&self, quant: Tensor<4>) -> Tensor<4> {
-        self.decoder.forward(conv2d_forward(&self.post_quant_conv, quant))
+        self.decoder
+            .forward(conv2d_forward(&self.post_quant_conv, quant))
     }
 
     /// Code indices `[B, h, w]` → image.
