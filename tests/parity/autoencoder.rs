@@ -35,6 +35,7 @@ fn ddconfig(fx: &Fixture) -> DdConfig {
         .with_resolution(num("resolution"))
         .with_z_channels(num("z_channels"))
         .with_double_z(v["double_z"].as_bool().unwrap())
+        .with_norm_groups(v["norm_num_groups"].as_u64().map_or(32, |n| n as usize))
 }
 
 fn meta_usize(fx: &Fixture, key: &str) -> usize {
@@ -171,6 +172,38 @@ fn kl_model() -> (Fixture, AutoencoderKL) {
     assert_eq!(report.prefix, "first_stage_model.");
     assert!(report.unused.is_empty(), "{report}");
     (fx, model)
+}
+
+/// `norm_num_groups: 0` (the demo model's first stage): the reference with every `Normalize` an
+/// `nn.Identity`; the model has no norm parameters and every synthetic key is used.
+#[test]
+fn kl_without_groupnorm() {
+    let device = device();
+    let fx = Fixture::open("ae_kl_nonorm.safetensors");
+    let cfg = AutoencoderKLConfig::new(ddconfig(&fx), meta_usize(&fx, "embed_dim"));
+    assert_eq!(cfg.ddconfig.norm_groups, 0);
+    cfg.validate().unwrap();
+    let mut model = cfg.init(&device);
+    let sd = synthetic::state_dict(&fx, "kl", "first_stage_model.");
+    let report = model.load_weights(&sd).unwrap();
+    assert!(report.unused.is_empty(), "{report}");
+    let x = fx.float("input.x", &device);
+    assert_close(
+        "encoder",
+        model.encoder.forward(x.clone()),
+        fx.float("out.encoder", &device),
+    );
+    assert_close(
+        "mean",
+        model.encode(x.clone()).mean,
+        fx.float("out.mean", &device),
+    );
+    let (recon, _) = model.forward(x, false);
+    assert_close(
+        "forward(mode)",
+        recon,
+        fx.float("out.forward_mode", &device),
+    );
 }
 
 #[test]

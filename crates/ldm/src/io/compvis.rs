@@ -279,7 +279,9 @@ fn ddconfig_from(v: &Value, slot: &str) -> Result<DdConfig> {
         .with_in_channels(p.usize_or("in_channels", 3)?)
         .with_resolution(p.usize_or("resolution", 256)?)
         .with_z_channels(p.usize("z_channels")?)
-        .with_double_z(p.bool_or("double_z", true)?);
+        .with_double_z(p.bool_or("double_z", true)?)
+        // Not in CompVis' `Normalize` (always 32 groups); named as diffusers' `norm_num_groups`.
+        .with_norm_groups(p.usize_or("norm_num_groups", 32)?);
     if let Some(m) = p.list("ch_mult")? {
         c = c.with_ch_mult(m);
     }

@@ -502,6 +502,7 @@ pub fn load_diffusers_dir(
         .with_resolution(vu("sample_size", 512))
         .with_z_channels(latent)
         .with_double_z(true)
+        .with_norm_groups(vu("norm_num_groups", 32))
         .with_attn_resolutions(vec![]);
     let vae_cfg = AutoencoderKLConfig::new(dd, latent);
     vae_cfg.validate()?;

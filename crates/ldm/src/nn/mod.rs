@@ -18,9 +18,20 @@ pub(crate) fn group_norm(groups: usize, c: usize, eps: f64, device: &Device) -> 
         .init(device)
 }
 
+/// [`group_norm`], or no normalisation at all when `groups` is 0 (the first stage's
+/// `norm_num_groups: 0`).
+pub(crate) fn maybe_group_norm(
+    groups: usize,
+    c: usize,
+    eps: f64,
+    device: &Device,
+) -> Option<GroupNorm> {
+    (groups > 0).then(|| group_norm(groups, c, eps, device))
+}
+
 pub mod attention;
 pub mod conv;
 pub mod norm;
 
 pub use conv::conv2d_forward;
-pub use norm::group_norm_silu;
+pub use norm::{group_norm_silu, maybe_group_norm_silu};

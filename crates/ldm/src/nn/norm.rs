@@ -20,6 +20,15 @@ pub fn group_norm_silu(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tenso
     if with_silu { silu(y) } else { y }
 }
 
+/// [`group_norm_silu`] with an optional norm: `None` is the identity (then SiLU when `with_silu`).
+pub fn maybe_group_norm_silu(norm: &Option<GroupNorm>, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
+    match norm {
+        Some(n) => group_norm_silu(n, x, with_silu),
+        None if with_silu => silu(x),
+        None => x,
+    }
+}
+
 #[cfg(feature = "flex")]
 fn fast_path(norm: &GroupNorm, x: &Tensor<4>) -> bool {
     let device = x.device();

@@ -346,6 +346,7 @@ pub fn train_autoencoder(
     }
     let step_counter = model.state.step.clone();
     let training = with_devices(training, devices);
+    let _stop = super::shared::StopFile::watch(dir, training.interrupter());
     let result = training.launch(Learner::new(model, optim, config.learning_rate));
     Ok(TrainingRun {
         steps: step_counter.load(Ordering::SeqCst),

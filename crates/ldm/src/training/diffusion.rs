@@ -338,9 +338,17 @@ impl DiffusionTrainer {
     }
 
     fn encode(&self, x: Tensor<4>, step: usize) -> Tensor<4> {
+        // The first stage is frozen: run it without autodiff (no graph, and the fast inference
+        // paths apply), then bring the latents back as constants.
+        let tracked = x.device().is_autodiff();
+        let x = if tracked { x.inner() } else { x };
         let z = match &self.first_stage {
             FirstStageNet::Kl(ae) => {
-                let post = ae.encode(x);
+                let post = if tracked {
+                    ae.valid().encode(x)
+                } else {
+                    ae.encode(x)
+                };
                 let mut rng = self.rng(step, 1);
                 let noise = Tensor::from_data(
                     TensorData::random::<f32, _, _>(
@@ -352,9 +360,10 @@ impl DiffusionTrainer {
                 );
                 post.sample_with_noise(noise)
             }
+            FirstStageNet::Vq(ae) if tracked => ae.valid().encode_to_prequant(x),
             FirstStageNet::Vq(ae) => ae.encode_to_prequant(x),
-        }
-        .detach();
+        };
+        let z = if tracked { Tensor::from_inner(z) } else { z }.detach();
         let mut sf = self.state.scale_factor.lock().expect("lock");
         if self.state.scale_by_std && step == 0 {
             // The reference: 1 / z.flatten().std() on the first batch (unbiased).
@@ -660,6 +669,7 @@ pub fn train_diffusion(
         step: 0,
     };
     let training = with_devices(training, devices);
+    let _stop = super::shared::StopFile::watch(dir, training.interrupter());
     let result = training.launch(Learner::new(model, optim, scheduler));
     Ok(DiffusionRun {
         steps: counter.load(Ordering::SeqCst),

@@ -159,6 +159,44 @@ pub(crate) fn loaders(
     })
 }
 
+/// Ends a run early, as the dashboard's `q` does (the weights are still written), when a file
+/// named `STOP` appears in the run's output folder: the way to stop a headless (`nohup`, CI) run.
+/// A `STOP` left over from an earlier run is removed first. The watcher stops with the guard.
+pub(crate) struct StopFile {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StopFile {
+    /// Watches `<dir>/STOP` (every second) and stops `interrupter` when it appears.
+    pub(crate) fn watch(dir: &Path, interrupter: burn::train::Interrupter) -> Self {
+        let path = dir.join("STOP");
+        if path.exists() {
+            tracing::warn!("removing a stale {}", path.display());
+            let _ = std::fs::remove_file(&path);
+        }
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if path.exists() {
+                    tracing::info!("{} found: ending the run after this step", path.display());
+                    interrupter.stop(Some("STOP file"));
+                    let _ = std::fs::remove_file(&path);
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        });
+        Self { done }
+    }
+}
+
+impl Drop for StopFile {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Data-parallel over several devices (the optimizer runs on the first); unchanged for one.
 pub(crate) fn with_devices<M: LearnerModel>(
     training: SupervisedTraining<M>,
@@ -215,4 +253,31 @@ pub(crate) fn export<M: Module>(m: &M) -> std::result::Result<Vec<u8>, String> {
         .skip_enum_variants(true);
     m.save_into(&mut store).map_err(|e| e.to_string())?;
     store.get_bytes().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopFile;
+    use burn::train::Interrupter;
+
+    #[test]
+    fn stop_file_interrupts_and_a_stale_one_is_removed() {
+        let dir = std::env::temp_dir().join(format!("ldm-stop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A STOP left from an earlier run must not end the new one.
+        std::fs::write(dir.join("STOP"), b"").unwrap();
+        let interrupter = Interrupter::new();
+        let guard = StopFile::watch(&dir, interrupter.clone());
+        assert!(!dir.join("STOP").exists());
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert!(!interrupter.should_stop());
+        std::fs::write(dir.join("STOP"), b"").unwrap();
+        let t = std::time::Instant::now();
+        while !interrupter.should_stop() && t.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(interrupter.should_stop());
+        drop(guard);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -2,7 +2,7 @@
 //! `ldm/modules/diffusionmodules/model.py`). Field names equal the reference's attribute names, so
 //! state-dict keys map one to one.
 
-use crate::nn::{conv2d_forward, group_norm_silu};
+use crate::nn::{conv2d_forward, maybe_group_norm_silu};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -15,7 +15,7 @@ use burn::tensor::{Device, Tensor};
 
 use super::config::AttnType;
 use crate::nn::attention::{AttentionMode, scaled_dot_product};
-use crate::nn::{conv2d, group_norm};
+use crate::nn::{conv2d, maybe_group_norm};
 
 /// Configuration of a [`ResnetBlock`].
 #[derive(Config, Debug)]
@@ -36,7 +36,7 @@ pub struct ResnetBlockConfig {
     /// GroupNorm epsilon (1e-6 in the reference's `Normalize`).
     #[config(default = 1e-6)]
     pub norm_eps: f64,
-    /// GroupNorm groups.
+    /// GroupNorm groups (0: no normalisation).
     #[config(default = 32)]
     pub norm_groups: usize,
 }
@@ -44,14 +44,14 @@ pub struct ResnetBlockConfig {
 /// Pre-activation residual block: `skip(x) + conv2(drop(silu(norm2(conv1(silu(norm1(x))) [+ temb]))))`.
 #[derive(Module, Debug)]
 pub struct ResnetBlock {
-    /// First GroupNorm.
-    pub norm1: GroupNorm,
+    /// First GroupNorm (absent with `norm_groups` 0).
+    pub norm1: Option<GroupNorm>,
     /// First 3x3 convolution.
     pub conv1: Conv2d,
     /// Time-embedding projection (absent in the autoencoders).
     pub temb_proj: Option<Linear>,
-    /// Second GroupNorm.
-    pub norm2: GroupNorm,
+    /// Second GroupNorm (absent with `norm_groups` 0).
+    pub norm2: Option<GroupNorm>,
     /// Dropout.
     pub dropout: Dropout,
     /// Second 3x3 convolution.
@@ -72,11 +72,11 @@ impl ResnetBlockConfig {
             (false, false) => (None, Some(conv2d(i, o, 1, 0, device))),
         };
         ResnetBlock {
-            norm1: group_norm(self.norm_groups, i, self.norm_eps, device),
+            norm1: maybe_group_norm(self.norm_groups, i, self.norm_eps, device),
             conv1: conv2d(i, o, 3, 1, device),
             temb_proj: (self.temb_channels > 0)
                 .then(|| LinearConfig::new(self.temb_channels, o).init(device)),
-            norm2: group_norm(self.norm_groups, o, self.norm_eps, device),
+            norm2: maybe_group_norm(self.norm_groups, o, self.norm_eps, device),
             dropout: DropoutConfig::new(self.dropout).init(),
             conv2: conv2d(o, o, 3, 1, device),
             conv_shortcut: shortcut_conv,
@@ -88,13 +88,17 @@ impl ResnetBlockConfig {
 impl ResnetBlock {
     /// `x`: `[B, C_in, H, W]`, `temb`: `[B, temb_channels]` (only with `temb_proj`) → `[B, C_out, H, W]`.
     pub fn forward(&self, x: Tensor<4>, temb: Option<Tensor<2>>) -> Tensor<4> {
-        let mut h = conv2d_forward(&self.conv1, group_norm_silu(&self.norm1, x.clone(), true));
+        let mut h = conv2d_forward(
+            &self.conv1,
+            maybe_group_norm_silu(&self.norm1, x.clone(), true),
+        );
         if let (Some(proj), Some(temb)) = (&self.temb_proj, temb) {
             h = h + proj.forward(silu(temb)).unsqueeze_dims::<4>(&[2, 3]);
         }
         let h = conv2d_forward(
             &self.conv2,
-            self.dropout.forward(group_norm_silu(&self.norm2, h, true)),
+            self.dropout
+                .forward(maybe_group_norm_silu(&self.norm2, h, true)),
         );
         let skip = match (&self.conv_shortcut, &self.nin_shortcut) {
             (Some(c), _) => conv2d_forward(c, x),
@@ -108,8 +112,8 @@ impl ResnetBlock {
 /// Single-head spatial self-attention with 1x1-conv projections and a residual (`AttnBlock`).
 #[derive(Module, Debug)]
 pub struct AttnBlock {
-    /// GroupNorm before the projections.
-    pub norm: GroupNorm,
+    /// GroupNorm before the projections (absent with `norm_groups` 0).
+    pub norm: Option<GroupNorm>,
     /// Query projection (1x1 conv).
     pub q: Conv2d,
     /// Key projection (1x1 conv).
@@ -127,7 +131,7 @@ impl AttnBlock {
     /// Builds the block for `channels` channels.
     pub fn new(channels: usize, norm_groups: usize, norm_eps: f64, device: &Device) -> Self {
         Self {
-            norm: group_norm(norm_groups, channels, norm_eps, device),
+            norm: maybe_group_norm(norm_groups, channels, norm_eps, device),
             q: conv2d(channels, channels, 1, 0, device),
             k: conv2d(channels, channels, 1, 0, device),
             v: conv2d(channels, channels, 1, 0, device),
@@ -139,7 +143,7 @@ impl AttnBlock {
     /// `[B, C, H, W]` → `[B, C, H, W]`; softmax(q kᵀ / √C) v over the H·W positions.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let hn = group_norm_silu(&self.norm, x.clone(), false);
+        let hn = maybe_group_norm_silu(&self.norm, x.clone(), false);
         // [B, C, H, W] -> [B, 1, HW, C]: one head holding all channels.
         let tokens = |t: Tensor<4>| {
             t.reshape([b, c, h * w])

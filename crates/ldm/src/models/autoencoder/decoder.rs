@@ -1,6 +1,6 @@
 //! `Decoder`: latent → image (CompVis `model.py`).
 
-use crate::nn::{conv2d_forward, group_norm_silu};
+use crate::nn::{conv2d_forward, maybe_group_norm_silu};
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
@@ -9,7 +9,7 @@ use burn::tensor::{Device, Tensor};
 use super::blocks::{AttnLayer, ResnetBlock, Upsample};
 use super::config::DdConfig;
 use super::encoder::{MidBlock, res_block};
-use crate::nn::{conv2d, group_norm};
+use crate::nn::{conv2d, maybe_group_norm};
 
 /// One resolution level of the decoder (`up[i]`; index = level, so `up[0]` runs last).
 #[derive(Module, Debug)]
@@ -31,8 +31,8 @@ pub struct Decoder {
     pub mid: MidBlock,
     /// Levels, indexed by level (`up[0]` is the full-resolution one).
     pub up: Vec<DecoderLevel>,
-    /// Output GroupNorm.
-    pub norm_out: GroupNorm,
+    /// Output GroupNorm (absent with `norm_groups` 0).
+    pub norm_out: Option<GroupNorm>,
     /// Output 3x3 conv; its weight is the "last layer" of the adaptive GAN weight.
     pub conv_out: Conv2d,
     give_pre_end: bool,
@@ -80,7 +80,7 @@ impl Decoder {
             conv_in,
             mid,
             up,
-            norm_out: group_norm(cfg.norm_groups, block_in, cfg.norm_eps, device),
+            norm_out: maybe_group_norm(cfg.norm_groups, block_in, cfg.norm_eps, device),
             conv_out: conv2d(block_in, cfg.out_ch, 3, 1, device),
             give_pre_end: cfg.give_pre_end,
             tanh_out: cfg.tanh_out,
@@ -120,7 +120,7 @@ impl Decoder {
     }
 
     fn forward_parts_from(&self, h: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let pre = group_norm_silu(&self.norm_out, h, true);
+        let pre = maybe_group_norm_silu(&self.norm_out, h, true);
         let out = conv2d_forward(&self.conv_out, pre.clone());
         let out = if self.tanh_out { out.tanh() } else { out };
         (pre, out)

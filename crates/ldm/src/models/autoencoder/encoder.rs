@@ -1,6 +1,6 @@
 //! `Encoder`: image → latent moments (CompVis `model.py`).
 
-use crate::nn::{conv2d_forward, group_norm_silu};
+use crate::nn::{conv2d_forward, maybe_group_norm_silu};
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor};
 
 use super::blocks::{AttnLayer, Downsample, ResnetBlock, ResnetBlockConfig};
 use super::config::DdConfig;
-use crate::nn::{conv2d, group_norm};
+use crate::nn::{conv2d, maybe_group_norm};
 
 /// One resolution level of the encoder (`down[i]`).
 #[derive(Module, Debug)]
@@ -67,8 +67,8 @@ pub struct Encoder {
     pub down: Vec<EncoderLevel>,
     /// Middle block.
     pub mid: MidBlock,
-    /// Output GroupNorm.
-    pub norm_out: GroupNorm,
+    /// Output GroupNorm (absent with `norm_groups` 0).
+    pub norm_out: Option<GroupNorm>,
     /// Output 3x3 conv.
     pub conv_out: Conv2d,
 }
@@ -116,7 +116,7 @@ impl Encoder {
             conv_in: conv2d(cfg.in_channels, cfg.ch, 3, 1, device),
             down,
             mid: MidBlock::new(block_in, cfg, device),
-            norm_out: group_norm(cfg.norm_groups, block_in, cfg.norm_eps, device),
+            norm_out: maybe_group_norm(cfg.norm_groups, block_in, cfg.norm_eps, device),
             conv_out: conv2d(block_in, z_out, 3, 1, device),
         }
     }
@@ -136,6 +136,9 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(h);
-        conv2d_forward(&self.conv_out, group_norm_silu(&self.norm_out, h, true))
+        conv2d_forward(
+            &self.conv_out,
+            maybe_group_norm_silu(&self.norm_out, h, true),
+        )
     }
 }
