@@ -291,7 +291,13 @@ fn diffusion(a: TrainLdm) -> Result<()> {
         .with_sample_size(c.size);
     let data = folder(c)?;
     std::fs::create_dir_all(&c.out)?;
-    let trainer = DiffusionTrainer::new(model, &cfg, spec.scale_by_std, &c.out)?
+    // As the reference's `restarted_from_ckpt`: a fine-tune keeps its checkpoint's scale_factor
+    // instead of measuring a new one on the first batch.
+    let scale_by_std = spec.scale_by_std && a.init_from.is_none();
+    if spec.scale_by_std && !scale_by_std {
+        tracing::info!("scale_by_std: keeping the scale_factor of --init-from");
+    }
+    let trainer = DiffusionTrainer::new(model, &cfg, scale_by_std, &c.out)?
         .with_l1_loss(spec.loss_type == "l1");
     eprintln!(
         "training the diffusion model: lr {lr:.3e}, {} images, output {}",

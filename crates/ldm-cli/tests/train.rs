@@ -203,12 +203,23 @@ fn train_diffusion_then_sample_the_checkpoint() {
     assert!(samples.join("samples/00000.png").is_file());
     // Fine-tuning: --init-from the trained checkpoint continues from its weights (the first
     // loss is already at the trained level, not back at the random one).
+    // With `scale_by_std` on, a fine-tune keeps the checkpoint's scale_factor (the reference's
+    // `restarted_from_ckpt`) instead of measuring 1/std(z) on its first batch.
+    let by_std = dir.join("ldm-by-std.yaml");
+    std::fs::write(
+        &by_std,
+        LDM_YAML.replace(
+            "scale_factor: 0.5",
+            "scale_factor: 1.0\n    scale_by_std: true",
+        ),
+    )
+    .unwrap();
     let out2 = dir.join("finetune");
     let o = ldm(&[
         "train",
         "diffusion",
         "--config",
-        &s(&out.join("config.yaml")),
+        &s(&by_std),
         "--data",
         &s(&dir.join("data")),
         "--out",
@@ -233,6 +244,14 @@ fn train_diffusion_then_sample_the_checkpoint() {
     assert!(
         tuned_mean < first,
         "fine-tuning did not start from the trained weights"
+    );
+    let bytes = std::fs::read(out2.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let sf = st.tensor("scale_factor").unwrap();
+    let sf = f32::from_le_bytes(sf.data()[..4].try_into().unwrap());
+    assert_eq!(
+        sf, 0.5,
+        "the fine-tune replaced the checkpoint's scale_factor"
     );
     std::fs::remove_dir_all(&dir).ok();
 }
