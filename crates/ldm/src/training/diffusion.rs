@@ -341,14 +341,14 @@ impl DiffusionTrainer {
         // The first stage is frozen: run it without autodiff (no graph, and the fast inference
         // paths apply), then bring the latents back as constants.
         let tracked = x.device().is_autodiff();
-        let x = if tracked { x.inner() } else { x };
-        let z = match &self.first_stage {
+        let (first_stage, x) = if tracked {
+            (self.first_stage.valid(), x.inner())
+        } else {
+            (self.first_stage.clone(), x)
+        };
+        let z = match &first_stage {
             FirstStageNet::Kl(ae) => {
-                let post = if tracked {
-                    ae.valid().encode(x)
-                } else {
-                    ae.encode(x)
-                };
+                let post = ae.encode(x);
                 let mut rng = self.rng(step, 1);
                 let noise = Tensor::from_data(
                     TensorData::random::<f32, _, _>(
@@ -360,7 +360,6 @@ impl DiffusionTrainer {
                 );
                 post.sample_with_noise(noise)
             }
-            FirstStageNet::Vq(ae) if tracked => ae.valid().encode_to_prequant(x),
             FirstStageNet::Vq(ae) => ae.encode_to_prequant(x),
         };
         let z = if tracked { Tensor::from_inner(z) } else { z }.detach();
