@@ -134,6 +134,7 @@ struct Recipe {
     ldm_lr: f64,
     warmup: usize,
     ema: f64,
+    noise_offset: f64,
     eval: Vec<&'static str>,
 }
 
@@ -143,11 +144,12 @@ const FULL: Recipe = Recipe {
     ae_steps: 900,
     ae_lr: 1.0e-3,
     ldm_batch: 32,
-    ldm_steps: 952,
+    ldm_steps: 1300,
     ldm_epochs: 1,
     ldm_lr: 1.0e-3,
     warmup: 100,
     ema: 0.995,
+    noise_offset: 0.5,
     eval: Vec::new(),
 };
 
@@ -174,6 +176,7 @@ fn train_demo(args: &[String]) -> Result<()> {
             ldm_lr: 5.0e-4,
             warmup: 1,
             ema: 0.9,
+            noise_offset: 0.5,
             eval: vec!["--per-prompt", "1", "--seen", "2", "--steps", "2"],
         }
     } else {
@@ -274,6 +277,8 @@ fn train_demo(args: &[String]) -> Result<()> {
             &recipe.ema.to_string(),
             "--ucg",
             "0.1",
+            "--noise-offset",
+            &recipe.noise_offset.to_string(),
             "--device",
             &device,
         ]))?;

@@ -258,6 +258,9 @@ pub fn eval(e: Eval) -> Result<()> {
     if let Some(dir) = &a.outdir {
         std::fs::create_dir_all(dir)?;
         for (g, name) in ["held-out", "seen"].iter().enumerate() {
+            if images[g].is_empty() {
+                continue; // `--seen 0`: no grid to write
+            }
             let path = dir.join(format!("{name}.png"));
             output::write_png(
                 &path,

@@ -99,7 +99,15 @@ pub struct RgbImage {
 /// Tiles images (all the same size) with `cols` per row, 2 px white padding as torchvision's
 /// `make_grid` uses by default between tiles.
 pub fn grid(images: &[RgbImage], cols: usize) -> RgbImage {
-    let (w, h) = (images[0].width, images[0].height);
+    let Some(first) = images.first() else {
+        // No images: the padding alone, so callers never index an empty list.
+        return RgbImage {
+            width: 2,
+            height: 2,
+            data: vec![255; 12],
+        };
+    };
+    let (w, h) = (first.width, first.height);
     let cols = cols.max(1).min(images.len());
     let rows = images.len().div_ceil(cols);
     let pad = 2;
@@ -330,4 +338,22 @@ pub fn model_hash(path: &Path) -> String {
         Ok(bytes_hash(&buf))
     };
     hash().unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_of_no_images_is_blank_not_a_panic() {
+        let g = grid(&[], 4);
+        assert_eq!((g.width, g.height, g.data.len()), (2, 2, 12));
+        let img = RgbImage {
+            width: 3,
+            height: 2,
+            data: vec![7; 18],
+        };
+        let g = grid(&[img], 4);
+        assert_eq!((g.width, g.height), (3 + 4, 2 + 4));
+    }
 }

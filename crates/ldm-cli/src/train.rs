@@ -105,6 +105,10 @@ pub struct TrainLdm {
     /// EMA decay of the UNet (0: no EMA).
     #[arg(long, default_value_t = 0.9999)]
     pub ema_decay: f64,
+    /// Offset noise (diffusers' --noise_offset): std of a per-sample, per-channel constant added
+    /// to the training noise, so colour must come from the prompt (0: off, as the reference).
+    #[arg(long, default_value_t = 0.0)]
+    pub noise_offset: f64,
     /// Also train the conditioning encoder (default: the config's cond_stage_trainable).
     #[arg(long)]
     pub cond_trainable: bool,
@@ -284,6 +288,7 @@ fn diffusion(a: TrainLdm) -> Result<()> {
         .with_steps_per_epoch(c.steps_per_epoch)
         .with_uncond_prob(a.ucg)
         .with_ema_decay((a.ema_decay > 0.0).then_some(a.ema_decay))
+        .with_noise_offset(a.noise_offset)
         .with_cond_trainable(a.cond_trainable || spec.cond_stage_trainable)
         .with_seed(c.seed)
         .with_resume_epoch(resume_epoch(c)?)

@@ -51,6 +51,7 @@ struct DiffState {
     parameterization: Parameterization,
     l1: bool,
     uncond_prob: f64,
+    noise_offset: f64,
     scale_factor: Arc<Mutex<f64>>,
     scale_by_std: bool,
     key: ConditioningKey,
@@ -81,6 +82,29 @@ pub struct DiffusionTrainer {
     state: DiffState,
 }
 
+/// The training noise `ε ~ N(0, I)`, plus `offset · N(0, 1)` per sample and channel (constant
+/// over space) when `offset > 0` (offset noise; see [`DiffusionTrainingConfig::noise_offset`]).
+fn training_noise(
+    [b, c, h, w]: [usize; 4],
+    offset: f64,
+    rng: &mut rand::rngs::StdRng,
+    device: &Device,
+) -> Tensor<4> {
+    let noise = Tensor::<4>::from_data(
+        TensorData::random::<f32, _, _>([b, c, h, w], Distribution::Normal(0.0, 1.0), rng),
+        device,
+    );
+    if offset > 0.0 {
+        let shift = Tensor::<4>::from_data(
+            TensorData::random::<f32, _, _>([b, c, 1, 1], Distribution::Normal(0.0, 1.0), rng),
+            device,
+        );
+        noise + shift.mul_scalar(offset)
+    } else {
+        noise
+    }
+}
+
 /// Settings of [`train_diffusion`].
 #[derive(Config, Debug)]
 pub struct DiffusionTrainingConfig {
@@ -109,6 +133,13 @@ pub struct DiffusionTrainingConfig {
     pub uncond_prob: f64,
     /// EMA decay of the UNet (None: no EMA).
     pub ema_decay: Option<f64>,
+    /// Offset noise (diffusers' `noise_offset`, Guttenberg 2023): adds `offset · N(0, 1)` per
+    /// sample and channel, constant over space, to the training noise. Without it the global
+    /// mean of `x_t` still shows an image's mean colour at `t = T` (the schedule's terminal SNR
+    /// is not zero), so the model reads colour from the noise instead of the prompt. 0: off (the
+    /// reference).
+    #[config(default = 0.0)]
+    pub noise_offset: f64,
     /// Train the conditioning encoder too.
     #[config(default = false)]
     pub cond_trainable: bool,
@@ -209,6 +240,7 @@ impl DiffusionTrainer {
                 parameterization: model.parameterization,
                 l1: false,
                 uncond_prob: config.uncond_prob,
+                noise_offset: config.noise_offset,
                 scale_factor: Arc::new(Mutex::new(model.scale_factor)),
                 scale_by_std,
                 key: model.model.key,
@@ -439,10 +471,7 @@ impl DiffusionTrainer {
         let t: Vec<usize> = (0..b)
             .map(|_| rng.random_range(0..self.state.schedule.alphas_cumprod.len()))
             .collect();
-        let noise = Tensor::<4>::from_data(
-            TensorData::random::<f32, _, _>([b, c, h, w], Distribution::Normal(0.0, 1.0), &mut rng),
-            &device,
-        );
+        let noise = training_noise([b, c, h, w], self.state.noise_offset, &mut rng, &device);
         let acp: Vec<f32> = t
             .iter()
             .map(|&i| self.state.schedule.alphas_cumprod[i] as f32)
@@ -740,4 +769,33 @@ pub fn save_compvis_checkpoint(model: &DiffusionTrainer, path: &Path) -> Result<
         })
         .collect::<Result<_>>()?;
     safetensors::serialize_to_file(views, None, path).map_err(|e| io(e.to_string()))
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+
+    /// Per-(sample, channel) spatial means of the training noise: their std is 1/√(h·w) for
+    /// plain noise and ≈ `offset` with offset noise.
+    fn spatial_mean_std(offset: f64) -> f64 {
+        let device = Device::flex();
+        let mut rng = step_rng(7, 0, 3);
+        let noise = training_noise([64, 4, 16, 16], offset, &mut rng, &device);
+        let means: Vec<f32> = noise.mean_dim(3).mean_dim(2).into_data().to_vec().unwrap();
+        let n = means.len() as f64;
+        let mu = means.iter().map(|&m| m as f64).sum::<f64>() / n;
+        (means.iter().map(|&m| (m as f64 - mu).powi(2)).sum::<f64>() / n).sqrt()
+    }
+
+    #[test]
+    fn offset_noise_shifts_each_channel_by_a_constant() {
+        let plain = spatial_mean_std(0.0);
+        assert!((plain - 1.0 / 16.0).abs() < 0.015, "plain noise: {plain}");
+        let offset = spatial_mean_std(0.5);
+        let expected = (0.25f64 + 1.0 / 256.0).sqrt();
+        assert!(
+            (offset - expected).abs() < 0.08,
+            "offset noise: {offset} vs {expected}"
+        );
+    }
 }
