@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::data::{ImageBatch, ImageFolder};
 use super::metrics::{ScalarMetric, Scalars};
 use super::shared::{
-    CsvLog, Loaders, MergeGrads, export, loaders, save_grid, step_rng, with_devices,
+    CsvLog, Loaders, MergeGrads, export, loaders, randn, save_grid, step_rng, with_devices,
 };
 use crate::error::{Error, Result};
 use crate::losses::{LastLayer, PerceptualLoss};
@@ -21,7 +21,7 @@ use crate::models::autoencoder::{AutoencoderKL, VQModel};
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use burn::train::{InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
 
 /// The autoencoder being trained.
@@ -101,11 +101,7 @@ impl AutoencoderTrainer {
     /// seed (so a resumed run continues exactly).
     fn posterior_noise(&self, step: usize, shape: [usize; 4], device: &Device) -> Tensor<4> {
         // Stream 0: the seed's own sequence for this step.
-        let mut rng = step_rng(self.state.seed, step, 0);
-        Tensor::from_data(
-            TensorData::random::<f32, _, _>(shape, Distribution::Normal(0.0, 1.0), &mut rng),
-            device,
-        )
+        randn(shape, &mut step_rng(self.state.seed, step, 0), device)
     }
 
     /// Inputs (top row) over reconstructions (bottom row).

@@ -14,7 +14,7 @@ use burn::config::Config;
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn::train::{InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
 use rand::RngExt;
 
@@ -22,7 +22,7 @@ use super::autoencoder::{FirstStageNet, trainable};
 use super::data::{ImageBatch, ImageFolder};
 use super::metrics::{ScalarMetric, Scalars};
 use super::shared::{
-    CsvLog, Loaders, MergeGrads, export, loaders, save_grid, step_rng, with_devices,
+    CsvLog, Loaders, MergeGrads, export, loaders, randn, save_grid, step_rng, with_devices,
 };
 use crate::conditioning::{ClassEmbedder, ClipTextModel, TextTokenizer, TransformerWrapper};
 use crate::error::{Error, Result};
@@ -90,16 +90,9 @@ fn training_noise(
     rng: &mut rand::rngs::StdRng,
     device: &Device,
 ) -> Tensor<4> {
-    let noise = Tensor::<4>::from_data(
-        TensorData::random::<f32, _, _>([b, c, h, w], Distribution::Normal(0.0, 1.0), rng),
-        device,
-    );
+    let noise = randn([b, c, h, w], rng, device);
     if offset > 0.0 {
-        let shift = Tensor::<4>::from_data(
-            TensorData::random::<f32, _, _>([b, c, 1, 1], Distribution::Normal(0.0, 1.0), rng),
-            device,
-        );
-        noise + shift.mul_scalar(offset)
+        noise + randn([b, c, 1, 1], rng, device).mul_scalar(offset)
     } else {
         noise
     }
@@ -381,16 +374,7 @@ impl DiffusionTrainer {
         let z = match &first_stage {
             FirstStageNet::Kl(ae) => {
                 let post = ae.encode(x);
-                let mut rng = self.rng(step, 1);
-                let noise = Tensor::from_data(
-                    TensorData::random::<f32, _, _>(
-                        post.mean.dims(),
-                        Distribution::Normal(0.0, 1.0),
-                        &mut rng,
-                    ),
-                    &post.mean.device(),
-                );
-                post.sample_with_noise(noise)
+                post.sample_with_rng(&mut self.rng(step, 1))
             }
             FirstStageNet::Vq(ae) => ae.encode_to_prequant(x),
         };
@@ -781,7 +765,12 @@ mod tests {
         let device = Device::flex();
         let mut rng = step_rng(7, 0, 3);
         let noise = training_noise([64, 4, 16, 16], offset, &mut rng, &device);
-        let means: Vec<f32> = noise.mean_dim(3).mean_dim(2).into_data().to_vec().unwrap();
+        let means: Vec<f32> = noise
+            .mean_dim(3)
+            .mean_dim(2)
+            .into_data()
+            .try_to_vec()
+            .unwrap();
         let n = means.len() as f64;
         let mu = means.iter().map(|&m| m as f64).sum::<f64>() / n;
         (means.iter().map(|&m| (m as f64 - mu).powi(2)).sum::<f64>() / n).sqrt()

@@ -4,13 +4,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::data::dataset::Dataset;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use burn::train::{LearnerModel, SupervisedTraining};
 use rand::SeedableRng;
 
@@ -159,11 +160,24 @@ pub(crate) fn loaders(
     })
 }
 
+/// Unit Gaussian noise of `shape` drawn from a host RNG (the same seed gives the same noise on
+/// every backend, so resumed runs continue exactly).
+pub(crate) fn randn<const D: usize>(
+    shape: [usize; D],
+    rng: &mut rand::rngs::StdRng,
+    device: &Device,
+) -> Tensor<D> {
+    Tensor::from_data(
+        TensorData::random::<f32, _, _>(shape, Distribution::Normal(0.0, 1.0), rng),
+        device,
+    )
+}
+
 /// Ends a run early, as the dashboard's `q` does (the weights are still written), when a file
 /// named `STOP` appears in the run's output folder: the way to stop a headless (`nohup`, CI) run.
 /// A `STOP` left over from an earlier run is removed first. The watcher stops with the guard.
 pub(crate) struct StopFile {
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<AtomicBool>,
 }
 
 impl StopFile {
@@ -174,10 +188,10 @@ impl StopFile {
             tracing::warn!("removing a stale {}", path.display());
             let _ = std::fs::remove_file(&path);
         }
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
         std::thread::spawn(move || {
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            while !flag.load(Ordering::Relaxed) {
                 if path.exists() {
                     tracing::info!("{} found: ending the run after this step", path.display());
                     interrupter.stop(Some("STOP file"));
@@ -193,7 +207,7 @@ impl StopFile {
 
 impl Drop for StopFile {
     fn drop(&mut self) {
-        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.done.store(true, Ordering::Relaxed);
     }
 }
 
