@@ -135,6 +135,11 @@ struct Recipe {
     warmup: usize,
     ema: f64,
     noise_offset: f64,
+    /// Second diffusion stage: steps of a fine-tune from the first stage's EMA weights
+    /// (`--init-from`, fresh AdamW and warm-up), its learning rate and seed (0 steps: none).
+    tune_steps: usize,
+    tune_lr: f64,
+    tune_seed: u64,
     eval: Vec<&'static str>,
 }
 
@@ -150,6 +155,9 @@ const FULL: Recipe = Recipe {
     warmup: 100,
     ema: 0.995,
     noise_offset: 0.5,
+    tune_steps: 2000,
+    tune_lr: 1.0e-3,
+    tune_seed: 1,
     eval: Vec::new(),
 };
 
@@ -177,6 +185,9 @@ fn train_demo(args: &[String]) -> Result<()> {
             warmup: 1,
             ema: 0.9,
             noise_offset: 0.5,
+            tune_steps: 2,
+            tune_lr: 5.0e-4,
+            tune_seed: 1,
             eval: vec!["--per-prompt", "1", "--seen", "2", "--steps", "2"],
         }
     } else {
@@ -247,41 +258,54 @@ fn train_demo(args: &[String]) -> Result<()> {
     }
     run(&mut ae)?;
 
+    // Both diffusion stages: the same flags but for the output, steps, learning rate and seed.
+    let diffusion = |dir: &Path, steps: usize, lr: f64, seed: u64, init: Option<&Path>| {
+        let mut c = ldm_cmd();
+        c.args(["train", "diffusion", "--size", "64", "--flip"])
+            .args(["--seed", &seed.to_string()])
+            .arg("--config")
+            .arg(assets.join("config.yaml"))
+            .arg("--first-stage")
+            .arg(ae_dir.join("first_stage.safetensors"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(dir)
+            .args(["--batch-size", &recipe.ldm_batch.to_string()])
+            .args(["--steps-per-epoch", &steps.to_string()])
+            .args(["--epochs", &recipe.ldm_epochs.to_string()])
+            .args(["--lr", &lr.to_string()])
+            .args(["--warmup", &recipe.warmup.to_string()])
+            .args([
+                "--ema-decay",
+                &recipe.ema.to_string(),
+                "--ucg",
+                "0.1",
+                "--noise-offset",
+                &recipe.noise_offset.to_string(),
+                "--device",
+                &device,
+            ]);
+        if let Some(init) = init {
+            c.arg("--init-from").arg(init);
+        }
+        run(&mut c)
+    };
     stage("latent diffusion: ldm train diffusion");
-    let ldm_dir = out.join("diffusion");
-    run(ldm_cmd()
-        .args([
-            "train",
-            "diffusion",
-            "--size",
-            "64",
-            "--seed",
-            "0",
-            "--flip",
-        ])
-        .arg("--config")
-        .arg(assets.join("config.yaml"))
-        .arg("--first-stage")
-        .arg(ae_dir.join("first_stage.safetensors"))
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&ldm_dir)
-        .args(["--batch-size", &recipe.ldm_batch.to_string()])
-        .args(["--steps-per-epoch", &recipe.ldm_steps.to_string()])
-        .args(["--epochs", &recipe.ldm_epochs.to_string()])
-        .args(["--lr", &recipe.ldm_lr.to_string()])
-        .args(["--warmup", &recipe.warmup.to_string()])
-        .args([
-            "--ema-decay",
-            &recipe.ema.to_string(),
-            "--ucg",
-            "0.1",
-            "--noise-offset",
-            &recipe.noise_offset.to_string(),
-            "--device",
-            &device,
-        ]))?;
+    let mut ldm_dir = out.join("diffusion");
+    diffusion(&ldm_dir, recipe.ldm_steps, recipe.ldm_lr, 0, None)?;
+    if recipe.tune_steps > 0 {
+        stage("latent diffusion, second stage: ldm train diffusion --init-from");
+        let tuned = out.join("diffusion-tuned");
+        diffusion(
+            &tuned,
+            recipe.tune_steps,
+            recipe.tune_lr,
+            recipe.tune_seed,
+            Some(&ldm_dir.join("model.safetensors")),
+        )?;
+        ldm_dir = tuned;
+    }
 
     stage("f16 weights");
     let weights = if smoke {

@@ -65,6 +65,9 @@ pub struct Txt2Img {
     /// Classifier-free guidance scale (1 = no guidance).
     #[arg(long, default_value_t = 7.5)]
     pub scale: f64,
+    /// Guidance rescale φ in [0, 1] (diffusers' `guidance_rescale`; 0: off, as the reference).
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
     /// Image height in pixels (default: the model's native size).
     #[arg(long, short = 'H')]
     pub height: Option<usize>,
@@ -406,6 +409,7 @@ pub fn txt2img(a: Txt2Img) -> Result<()> {
         let request = SamplingRequest {
             uncond,
             guidance_scale: a.scale,
+            guidance_rescale: a.guidance_rescale,
             sampler: sampler_options(&pipe, &a.sampling),
             ..SamplingRequest::new(cond, shape)
         };

@@ -70,6 +70,9 @@ pub struct EvalShapes {
     /// Guidance scale (default: as `ldm txt2img`).
     #[arg(long, default_value_t = 7.5)]
     pub scale: f64,
+    /// Guidance rescale φ in [0, 1] (default: as `ldm txt2img`).
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
     /// Images per sampling batch.
     #[arg(long, default_value_t = 34)]
     pub batch: usize,
@@ -195,6 +198,7 @@ pub fn eval(e: Eval) -> Result<()> {
         let request = SamplingRequest {
             uncond,
             guidance_scale: a.scale,
+            guidance_rescale: a.guidance_rescale,
             sampler,
             ..SamplingRequest::new(cond, pipe.model.latent_shape(text.len(), SIZE, SIZE)?)
         };

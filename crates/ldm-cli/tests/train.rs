@@ -255,3 +255,115 @@ fn train_diffusion_then_sample_the_checkpoint() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A `scale_by_std` run with EMA, resumed from its epoch-1 checkpoint, continues exactly as the
+/// uninterrupted run: the same losses (the measured scale_factor comes back, not the config's)
+/// and the same EMA weights at the end. A resume without the trainer state of that epoch (a
+/// checkpoint from an older version) is refused with an explanation instead of training on
+/// latents at the wrong scale.
+#[test]
+fn train_diffusion_resumes_exactly() {
+    let dir = temp_dir("resume-ldm");
+    shapes(&dir.join("data"), 8);
+    let yaml = dir.join("ldm-by-std.yaml");
+    std::fs::write(
+        &yaml,
+        LDM_YAML.replace(
+            "scale_factor: 0.5",
+            "scale_factor: 1.0\n    scale_by_std: true",
+        ),
+    )
+    .unwrap();
+    let train = |out: &Path, extra: &[&str]| {
+        let data = s(&dir.join("data"));
+        let (yaml, out) = (s(&yaml), s(out));
+        let mut args = vec![
+            "train",
+            "diffusion",
+            "--config",
+            &yaml,
+            "--data",
+            &data,
+            "--out",
+            &out,
+            "--size",
+            "32",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "2",
+            "--steps-per-epoch",
+            "4",
+            "--lr",
+            "1e-3",
+            "--ema-decay",
+            "0.9",
+        ];
+        args.extend_from_slice(extra);
+        ldm(&args)
+    };
+    let a = dir.join("a");
+    assert_ok(&train(&a, &[]));
+    assert!(a.join("checkpoint/trainer-2.safetensors").is_file());
+    // B: epoch 1's checkpoint of A (Burn's files and the trainer state), then epoch 2 again.
+    let b = dir.join("b");
+    let copy_epoch_1 = |to: &Path, with_state: bool| {
+        std::fs::create_dir_all(to.join("checkpoint")).unwrap();
+        for f in std::fs::read_dir(a.join("checkpoint")).unwrap() {
+            let p = f.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if name.contains("-1.") && (with_state || !name.starts_with("trainer")) {
+                std::fs::copy(&p, to.join("checkpoint").join(&name)).unwrap();
+            }
+        }
+    };
+    copy_epoch_1(&b, true);
+    assert_ok(&train(&b, &["--resume", "1"]));
+    let (la, lb) = (
+        csv_column(&a.join("losses.csv"), "loss"),
+        csv_column(&b.join("losses.csv"), "loss"),
+    );
+    assert_eq!((la.len(), lb.len()), (8, 4));
+    for (i, (x, y)) in la[4..].iter().zip(&lb).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs().max(1e-6),
+            "step {}: resumed loss {y} vs uninterrupted {x}",
+            i + 4
+        );
+    }
+    let (fa, fb) = (
+        std::fs::read(a.join("model.safetensors")).unwrap(),
+        std::fs::read(b.join("model.safetensors")).unwrap(),
+    );
+    let (ta, tb) = (
+        safetensors::SafeTensors::deserialize(&fa).unwrap(),
+        safetensors::SafeTensors::deserialize(&fb).unwrap(),
+    );
+    let floats = |v: safetensors::tensor::TensorView<'_>| -> Vec<f32> {
+        v.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let mut compared = 0;
+    for (k, va) in ta.tensors() {
+        if !k.starts_with("model.diffusion_model.") && k != "scale_factor" {
+            continue;
+        }
+        let (x, y) = (floats(va), floats(tb.tensor(&k).unwrap()));
+        let scale = x.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let err = x
+            .iter()
+            .zip(&y)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(err <= 1e-4 * scale, "{k}: resumed EMA differs by {err}");
+        compared += 1;
+    }
+    assert!(compared > 10, "compared only {compared} tensors");
+    // Without the trainer state the resume is refused (clear error, no training at scale 1).
+    let c = dir.join("c");
+    copy_epoch_1(&c, false);
+    assert_fails(&train(&c, &["--resume", "1"]), "scale_by_std");
+    assert!(!c.join("losses.csv").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -912,11 +912,11 @@ pub struct CheckpointOptions {
     pub allow_missing: bool,
 }
 
-fn tensor_scalar(t: &super::PackTensor) -> Result<f64> {
+pub(crate) fn tensor_scalar(t: &super::PackTensor) -> Result<f64> {
     use burn::tensor::DType;
     let bytes = t
         .to_bytes()
-        .map_err(|e| cfg_err(format!("reading scale_factor: {e}")))?;
+        .map_err(|e| cfg_err(format!("reading a scalar: {e}")))?;
     let b: &[u8] = &bytes;
     Ok(match t.dtype {
         DType::F32 if b.len() >= 4 => f32::from_le_bytes(b[..4].try_into().unwrap()) as f64,
@@ -929,7 +929,7 @@ fn tensor_scalar(t: &super::PackTensor) -> Result<f64> {
         }
         other => {
             return Err(cfg_err(format!(
-                "scale_factor has unsupported dtype {other:?}"
+                "a scalar (scale_factor, ...) has unsupported dtype {other:?}"
             )));
         }
     })

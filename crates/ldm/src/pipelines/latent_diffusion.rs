@@ -100,6 +100,8 @@ pub struct SamplingRequest {
     pub uncond: Option<Conditioning>,
     /// Guidance scale s (1: the unconditional pass is skipped).
     pub guidance_scale: f64,
+    /// Guidance rescale φ in [0, 1] (0: off, as the reference; see [`Guided`]).
+    pub guidance_rescale: f64,
     /// Sampler and its settings.
     pub sampler: SamplerOptions,
     /// Latent shape `[B, C, h, w]`.
@@ -121,6 +123,7 @@ impl SamplingRequest {
             cond,
             uncond: None,
             guidance_scale: 1.0,
+            guidance_rescale: 0.0,
             sampler: SamplerOptions::default(),
             shape,
             x_t: None,
@@ -706,11 +709,13 @@ pub fn run_request(
         request.cond.clone(),
         request.uncond.clone(),
         request.guidance_scale,
-    )?;
+    )?
+    .with_rescale(request.guidance_rescale)?;
     tracing::info!(
         sampler = scheduler.name(),
         steps = n - start,
         scale = request.guidance_scale,
+        rescale = request.guidance_rescale,
         ?shape,
         "sampling"
     );

@@ -67,6 +67,8 @@ struct DiffState {
     sample_every: usize,
     sample_size: usize,
     sample_prompts: Arc<Mutex<Vec<String>>>,
+    /// Batches per epoch (set by [`train_diffusion`]): the trainer state is saved at each epoch end.
+    steps_per_epoch: usize,
 }
 
 /// UNet (+ conditioning encoder) training model with the frozen first stage.
@@ -249,6 +251,7 @@ impl DiffusionTrainer {
                 sample_every: config.sample_every,
                 sample_size: config.sample_size,
                 sample_prompts: Arc::new(Mutex::new(Vec::new())),
+                steps_per_epoch: 0,
             },
         })
     }
@@ -563,6 +566,13 @@ impl TrainStep for DiffusionTrainer {
         let m = optim.step(lr, self, grads);
         m.update_ema();
         let done = m.state.step.load(Ordering::SeqCst);
+        let per_epoch = m.state.steps_per_epoch;
+        if per_epoch > 0 && done % per_epoch == 0 {
+            let epoch = done / per_epoch;
+            if let Err(e) = m.save_trainer_state(epoch) {
+                tracing::error!("epoch {epoch}: could not save the trainer state: {e}");
+            }
+        }
         if m.state.sample_every > 0 && done % m.state.sample_every == 0 {
             m.write_samples(done);
         }
@@ -649,10 +659,15 @@ pub fn train_diffusion(
         devices,
         dir,
     )?;
+    let mut model = model;
+    model.state.steps_per_epoch = steps;
     model
         .state
         .step
         .store(config.resume_epoch.unwrap_or(0) * steps, Ordering::SeqCst);
+    if let Some(epoch) = config.resume_epoch {
+        model.load_trainer_state(epoch)?;
+    }
     let mut model = model.to_device(&ad);
     model.unet = trainable(model.unet);
     if config.cond_trainable {
@@ -701,58 +716,169 @@ pub fn save_compvis_checkpoint(model: &DiffusionTrainer, path: &Path) -> Result<
     let unet = model
         .ema_unet()
         .unwrap_or_else(|| model.unet.clone().valid());
-    let parts: Vec<(&str, Vec<u8>)> = vec![
-        ("model.diffusion_model.", export(&unet).map_err(&io)?),
-        (
-            "first_stage_model.",
-            match &model.first_stage {
-                FirstStageNet::Kl(ae) => export(&ae.clone().valid()),
-                FirstStageNet::Vq(ae) => export(&ae.clone().valid()),
-            }
-            .map_err(&io)?,
-        ),
-        (
-            match &model.cond {
-                CondNet::Clip(_) | CondNet::Bert(_) => "cond_stage_model.transformer.",
-                _ => "cond_stage_model.",
-            },
-            match &model.cond {
-                CondNet::Clip(m) => export(&m.clone().valid()),
-                CondNet::Bert(m) => export(&m.clone().valid()),
-                CondNet::Class(m) => export(&m.clone().valid()),
-                CondNet::None(_) => Ok(Vec::new()),
-            }
-            .map_err(&io)?,
-        ),
-    ];
-    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (prefix, bytes) in &parts {
+    let mut tensors = Tensors::default();
+    tensors.add("model.diffusion_model.", &export(&unet).map_err(&io)?, path)?;
+    let first_stage = match &model.first_stage {
+        FirstStageNet::Kl(ae) => export(&ae.clone().valid()),
+        FirstStageNet::Vq(ae) => export(&ae.clone().valid()),
+    };
+    tensors.add("first_stage_model.", &first_stage.map_err(&io)?, path)?;
+    let cond_prefix = match &model.cond {
+        CondNet::Clip(_) | CondNet::Bert(_) => "cond_stage_model.transformer.",
+        _ => "cond_stage_model.",
+    };
+    let cond = match &model.cond {
+        CondNet::Clip(m) => export(&m.clone().valid()),
+        CondNet::Bert(m) => export(&m.clone().valid()),
+        CondNet::Class(m) => export(&m.clone().valid()),
+        CondNet::None(_) => Ok(Vec::new()),
+    };
+    tensors.add(cond_prefix, &cond.map_err(&io)?, path)?;
+    tensors.scalar_f32("scale_factor", model.scale_factor() as f32);
+    tensors.write(path)
+}
+
+/// Named tensors gathered from several exported modules, written as one `.safetensors`.
+#[derive(Default)]
+struct Tensors(Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>);
+
+impl Tensors {
+    /// Adds the tensors of an exported module (safetensors bytes; empty: none) under `prefix`.
+    fn add(&mut self, prefix: &str, bytes: &[u8], path: &Path) -> Result<()> {
         if bytes.is_empty() {
-            continue;
+            return Ok(());
         }
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| io(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Read {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         for (k, v) in st.tensors() {
-            tensors.push((
+            self.0.push((
                 format!("{prefix}{k}"),
                 v.dtype(),
                 v.shape().to_vec(),
                 v.data().to_vec(),
             ));
         }
+        Ok(())
     }
-    let sf = (model.scale_factor() as f32).to_le_bytes().to_vec();
-    tensors.push(("scale_factor".into(), safetensors::Dtype::F32, vec![], sf));
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(k, d, s, b)| {
-            Ok((
-                k.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b)
-                    .map_err(|e| io(e.to_string()))?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(views, None, path).map_err(|e| io(e.to_string()))
+
+    fn scalar_f32(&mut self, name: &str, v: f32) {
+        let bytes = v.to_le_bytes().to_vec();
+        self.0
+            .push((name.into(), safetensors::Dtype::F32, vec![], bytes));
+    }
+
+    fn scalar_f64(&mut self, name: &str, v: f64) {
+        let bytes = v.to_le_bytes().to_vec();
+        self.0
+            .push((name.into(), safetensors::Dtype::F64, vec![], bytes));
+    }
+
+    fn write(&self, path: &Path) -> Result<()> {
+        let io = |m: String| Error::Read {
+            path: path.to_path_buf(),
+            message: m,
+        };
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
+            .0
+            .iter()
+            .map(|(k, d, s, b)| {
+                Ok((
+                    k.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                        .map_err(|e| io(e.to_string()))?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        safetensors::serialize_to_file(views, None, path).map_err(|e| io(e.to_string()))
+    }
+}
+
+/// `<out>/checkpoint/trainer-N.safetensors`: what Burn's epoch checkpoint (`model-N.bpk`, the
+/// trained modules) does not hold.
+fn trainer_state_path(dir: &Path, epoch: usize) -> PathBuf {
+    dir.join("checkpoint")
+        .join(format!("trainer-{epoch}.safetensors"))
+}
+
+impl DiffusionTrainer {
+    /// Saves the state a resumed run needs beside Burn's checkpoint of `epoch`: the
+    /// `scale_factor` (measured on step 0 under `scale_by_std`) and the EMA UNet with its update
+    /// count — the reference keeps both as buffers of its Lightning checkpoint. The file for
+    /// `epoch − 2` is removed (Burn's checkpointer keeps two epochs too).
+    fn save_trainer_state(&self, epoch: usize) -> Result<()> {
+        let path = trainer_state_path(&self.state.dir, epoch);
+        let io = |path: &Path, e: std::io::Error| Error::Read {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+        }
+        let mut tensors = Tensors::default();
+        tensors.scalar_f64("scale_factor", self.scale_factor());
+        if let Some((ema, n)) = self.state.ema.lock().expect("lock").as_ref() {
+            let bytes = export(ema).map_err(|message| Error::Read {
+                path: path.clone(),
+                message,
+            })?;
+            tensors.add("model_ema.", &bytes, &path)?;
+            tensors.scalar_f64("ema_num_updates", *n as f64);
+        }
+        tensors.write(&path)?;
+        if epoch > 2 {
+            let old = trainer_state_path(&self.state.dir, epoch - 2);
+            if old.exists() {
+                std::fs::remove_file(&old).map_err(|e| io(&old, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores what [`save_trainer_state`](Self::save_trainer_state) wrote for `epoch`. Without
+    /// the file (a run from an older version), a `scale_by_std` run cannot resume (its latent
+    /// scale is unknown: an error), and the EMA restarts from the resumed weights (a warning).
+    fn load_trainer_state(&mut self, epoch: usize) -> Result<()> {
+        let path = trainer_state_path(&self.state.dir, epoch);
+        if !path.is_file() {
+            if self.state.scale_by_std {
+                return Err(Error::Config(format!(
+                    "resuming epoch {epoch} of a scale_by_std model needs {} (the scale_factor measured on the first batch); \
+                     checkpoints from older versions lack it: fine-tune from the run's model.safetensors with --init-from instead",
+                    path.display()
+                )));
+            }
+            if self.state.ema_decay.is_some() {
+                tracing::warn!(
+                    "{} is missing: the EMA restarts from the resumed weights",
+                    path.display()
+                );
+            }
+            return Ok(());
+        }
+        let sd = crate::io::StateDict::open(&path)?;
+        let scalar = |key: &str| -> Result<Option<f64>> {
+            sd.get(key).map(crate::io::tensor_scalar).transpose()
+        };
+        if let Some(sf) = scalar("scale_factor")? {
+            *self.state.scale_factor.lock().expect("lock") = sf;
+            tracing::info!("resumed scale_factor {sf}");
+        }
+        if let Some(n) = scalar("ema_num_updates")? {
+            let mut ema = self.unet.clone();
+            crate::io::load_into(
+                &mut ema,
+                &sd,
+                "EMA UNet",
+                "model_ema.",
+                &crate::io::LoadOptions::default(),
+            )?;
+            tracing::info!("resumed the EMA UNet after {n} updates");
+            *self.state.ema.lock().expect("lock") = Some((ema, n as usize));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(all(test, feature = "flex"))]
