@@ -155,9 +155,9 @@ const FULL: Recipe = Recipe {
     warmup: 100,
     ema: 0.995,
     noise_offset: 0.5,
-    tune_steps: 2000,
-    tune_lr: 1.0e-3,
-    tune_seed: 1,
+    tune_steps: 1605,
+    tune_lr: 3.0e-4,
+    tune_seed: 2,
     eval: Vec::new(),
 };
 
