@@ -258,15 +258,14 @@ fn train_demo(args: &[String]) -> Result<()> {
     }
     run(&mut ae)?;
 
-    // Both diffusion stages: the same flags but for the output, steps, learning rate and seed.
+    // Both diffusion stages: the same flags but for the output, steps, learning rate, seed and
+    // where the weights start.
     let diffusion = |dir: &Path, steps: usize, lr: f64, seed: u64, init: Option<&Path>| {
         let mut c = ldm_cmd();
         c.args(["train", "diffusion", "--size", "64", "--flip"])
             .args(["--seed", &seed.to_string()])
             .arg("--config")
             .arg(assets.join("config.yaml"))
-            .arg("--first-stage")
-            .arg(ae_dir.join("first_stage.safetensors"))
             .arg("--data")
             .arg(&data)
             .arg("--out")
@@ -286,9 +285,13 @@ fn train_demo(args: &[String]) -> Result<()> {
                 "--device",
                 &device,
             ]);
-        if let Some(init) = init {
-            c.arg("--init-from").arg(init);
-        }
+        // The first stage comes from --init-from's checkpoint when there is one.
+        match init {
+            Some(init) => c.arg("--init-from").arg(init),
+            None => c
+                .arg("--first-stage")
+                .arg(ae_dir.join("first_stage.safetensors")),
+        };
         run(&mut c)
     };
     stage("latent diffusion: ldm train diffusion");

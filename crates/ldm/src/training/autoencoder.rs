@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::data::{ImageBatch, ImageFolder};
 use super::metrics::{ScalarMetric, Scalars};
 use super::shared::{
-    CsvLog, Loaders, MergeGrads, export, loaders, randn, save_grid, step_rng, with_devices,
+    CsvLog, Loaders, MergeGrads, Tensors, export, loaders, randn, save_grid, step_rng, with_devices,
 };
 use crate::error::{Error, Result};
 use crate::losses::{LastLayer, PerceptualLoss};
@@ -32,6 +32,16 @@ pub enum FirstStageNet {
     Kl(AutoencoderKL),
     /// Vector-quantised.
     Vq(VQModel),
+}
+
+impl FirstStageNet {
+    /// The inference weights as safetensors bytes (PyTorch names, no prefix).
+    pub(crate) fn export(&self) -> std::result::Result<Vec<u8>, String> {
+        match self {
+            Self::Kl(ae) => export(&ae.clone().valid()),
+            Self::Vq(ae) => export(&ae.clone().valid()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -251,22 +261,13 @@ pub struct AutoencoderTrainingConfig {
 /// Writes the trained autoencoder as a CompVis-layout `.safetensors` (`first_stage_model.*` keys),
 /// which `ldm train diffusion --first-stage` and `ldm autoencode` read.
 pub fn save_first_stage(model: &AutoencoderTrainer, path: &Path) -> Result<()> {
-    let io = |m: String| Error::Read {
+    let bytes = model.ae.export().map_err(|message| Error::Read {
         path: path.to_path_buf(),
-        message: m,
-    };
-    let bytes = match &model.ae {
-        FirstStageNet::Kl(ae) => export(&ae.clone().valid()),
-        FirstStageNet::Vq(ae) => export(&ae.clone().valid()),
-    }
-    .map_err(&io)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(e.to_string()))?;
-    let tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| (format!("first_stage_model.{k}"), v))
-        .collect();
-    safetensors::serialize_to_file(tensors, None, path).map_err(|e| io(e.to_string()))
+        message,
+    })?;
+    let mut tensors = Tensors::default();
+    tensors.add("first_stage_model.", &bytes, path)?;
+    tensors.write(path)
 }
 
 /// What a training run produced.

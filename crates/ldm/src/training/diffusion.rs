@@ -22,7 +22,7 @@ use super::autoencoder::{FirstStageNet, trainable};
 use super::data::{ImageBatch, ImageFolder};
 use super::metrics::{ScalarMetric, Scalars};
 use super::shared::{
-    CsvLog, Loaders, MergeGrads, export, loaders, randn, save_grid, step_rng, with_devices,
+    CsvLog, Loaders, MergeGrads, Tensors, export, loaders, randn, save_grid, step_rng, with_devices,
 };
 use crate::conditioning::{ClassEmbedder, ClipTextModel, TextTokenizer, TransformerWrapper};
 use crate::error::{Error, Result};
@@ -718,11 +718,8 @@ pub fn save_compvis_checkpoint(model: &DiffusionTrainer, path: &Path) -> Result<
         .unwrap_or_else(|| model.unet.clone().valid());
     let mut tensors = Tensors::default();
     tensors.add("model.diffusion_model.", &export(&unet).map_err(&io)?, path)?;
-    let first_stage = match &model.first_stage {
-        FirstStageNet::Kl(ae) => export(&ae.clone().valid()),
-        FirstStageNet::Vq(ae) => export(&ae.clone().valid()),
-    };
-    tensors.add("first_stage_model.", &first_stage.map_err(&io)?, path)?;
+    let first_stage = model.first_stage.export().map_err(&io)?;
+    tensors.add("first_stage_model.", &first_stage, path)?;
     let cond_prefix = match &model.cond {
         CondNet::Clip(_) | CondNet::Bert(_) => "cond_stage_model.transformer.",
         _ => "cond_stage_model.",
@@ -736,63 +733,6 @@ pub fn save_compvis_checkpoint(model: &DiffusionTrainer, path: &Path) -> Result<
     tensors.add(cond_prefix, &cond.map_err(&io)?, path)?;
     tensors.scalar_f32("scale_factor", model.scale_factor() as f32);
     tensors.write(path)
-}
-
-/// Named tensors gathered from several exported modules, written as one `.safetensors`.
-#[derive(Default)]
-struct Tensors(Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>);
-
-impl Tensors {
-    /// Adds the tensors of an exported module (safetensors bytes; empty: none) under `prefix`.
-    fn add(&mut self, prefix: &str, bytes: &[u8], path: &Path) -> Result<()> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Read {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        for (k, v) in st.tensors() {
-            self.0.push((
-                format!("{prefix}{k}"),
-                v.dtype(),
-                v.shape().to_vec(),
-                v.data().to_vec(),
-            ));
-        }
-        Ok(())
-    }
-
-    fn scalar_f32(&mut self, name: &str, v: f32) {
-        let bytes = v.to_le_bytes().to_vec();
-        self.0
-            .push((name.into(), safetensors::Dtype::F32, vec![], bytes));
-    }
-
-    fn scalar_f64(&mut self, name: &str, v: f64) {
-        let bytes = v.to_le_bytes().to_vec();
-        self.0
-            .push((name.into(), safetensors::Dtype::F64, vec![], bytes));
-    }
-
-    fn write(&self, path: &Path) -> Result<()> {
-        let io = |m: String| Error::Read {
-            path: path.to_path_buf(),
-            message: m,
-        };
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
-            .0
-            .iter()
-            .map(|(k, d, s, b)| {
-                Ok((
-                    k.clone(),
-                    safetensors::tensor::TensorView::new(*d, s.clone(), b)
-                        .map_err(|e| io(e.to_string()))?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        safetensors::serialize_to_file(views, None, path).map_err(|e| io(e.to_string()))
-    }
 }
 
 /// `<out>/checkpoint/trainer-N.safetensors`: what Burn's epoch checkpoint (`model-N.bpk`, the

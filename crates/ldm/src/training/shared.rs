@@ -269,6 +269,63 @@ pub(crate) fn export<M: Module>(m: &M) -> std::result::Result<Vec<u8>, String> {
     store.get_bytes().map_err(|e| e.to_string())
 }
 
+/// Named tensors gathered from several exported modules, written as one `.safetensors`.
+#[derive(Default)]
+pub(crate) struct Tensors(Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>);
+
+impl Tensors {
+    /// Adds the tensors of an exported module (safetensors bytes; empty: none) under `prefix`.
+    pub(crate) fn add(&mut self, prefix: &str, bytes: &[u8], path: &Path) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Read {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        for (k, v) in st.tensors() {
+            self.0.push((
+                format!("{prefix}{k}"),
+                v.dtype(),
+                v.shape().to_vec(),
+                v.data().to_vec(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn scalar_f32(&mut self, name: &str, v: f32) {
+        let bytes = v.to_le_bytes().to_vec();
+        self.0
+            .push((name.into(), safetensors::Dtype::F32, vec![], bytes));
+    }
+
+    pub(crate) fn scalar_f64(&mut self, name: &str, v: f64) {
+        let bytes = v.to_le_bytes().to_vec();
+        self.0
+            .push((name.into(), safetensors::Dtype::F64, vec![], bytes));
+    }
+
+    pub(crate) fn write(&self, path: &Path) -> Result<()> {
+        let io = |m: String| Error::Read {
+            path: path.to_path_buf(),
+            message: m,
+        };
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
+            .0
+            .iter()
+            .map(|(k, d, s, b)| {
+                Ok((
+                    k.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                        .map_err(|e| io(e.to_string()))?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        safetensors::serialize_to_file(views, None, path).map_err(|e| io(e.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::StopFile;
