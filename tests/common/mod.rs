@@ -176,3 +176,75 @@ pub fn assert_close_tol<const D: usize>(
     eprintln!("{what}: max abs err / max |ref| = {err:.3e}");
     assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.0e}");
 }
+
+/// Checks the parameter gradients of `module` against the reference's `{case}.grad_keys` (PyTorch
+/// names, in `named_parameters` order), `{case}.grad_norms` and `{case}.grad_sums`: each norm within
+/// TOL of the reference norm (floored at 1e-3 of the largest), each sum within √n times that.
+/// Parameters the reference does not list must have no gradient (e.g. BERT's unused `to_logits`
+/// head). Returns the worst error as a fraction of its budget.
+pub fn assert_param_grads<M: burn::module::Module>(
+    fx: &Fixture,
+    case: &str,
+    module: &M,
+    grads: &burn::tensor::Gradients,
+) -> f64 {
+    struct Grads<'a> {
+        grads: &'a burn::tensor::Gradients,
+        out: Vec<Option<(f32, f32)>>,
+    }
+    impl burn::module::ModuleVisitor for Grads<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
+            let g = p.val().grad(self.grads);
+            self.out.push(g.map(|g| {
+                (
+                    g.clone().square().sum().sqrt().into_scalar::<f32>(),
+                    g.sum().into_scalar::<f32>(),
+                )
+            }));
+        }
+    }
+    // Our parameters in visiting order, named as PyTorch names them.
+    let params = ldm::io::parameter_shapes(module);
+    let mut ours = Grads {
+        grads,
+        out: Vec::new(),
+    };
+    module.visit(&mut ours);
+    assert_eq!(params.len(), ours.out.len());
+    let ref_keys: Vec<String> =
+        serde_json::from_str(&fx.meta_json(&format!("{case}.grad_keys"))).unwrap();
+    let cpu = device();
+    let read = |k: &str| {
+        fx.float::<1>(&format!("{case}.{k}"), &cpu)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let (norms, sums) = (read("grad_norms"), read("grad_sums"));
+    let largest = norms.iter().cloned().fold(0.0f32, f32::max) as f64;
+    let (mut worst, mut matched) = (0.0f64, 0);
+    for ((key, shape), g) in params.iter().zip(&ours.out) {
+        let Some(j) = ref_keys.iter().position(|k| k == key) else {
+            assert!(g.is_none(), "{key}: has a gradient but the reference lists none");
+            continue;
+        };
+        let (norm, sum) = g.unwrap_or_else(|| panic!("{key}: no gradient"));
+        matched += 1;
+        let budget = TOL * (norms[j] as f64).max(1e-3 * largest);
+        let n = shape.iter().product::<usize>() as f64;
+        let (dn, ds) = (
+            (norm - norms[j]).abs() as f64,
+            (sum - sums[j]).abs() as f64,
+        );
+        worst = worst.max(dn / budget).max(ds / (budget * n.sqrt()));
+        assert!(
+            dn <= budget && ds <= budget * n.sqrt(),
+            "{key}: grad norm {norm} vs {}, sum {sum} vs {}",
+            norms[j],
+            sums[j]
+        );
+    }
+    assert_eq!(matched, ref_keys.len(), "{case}: reference parameters without a match");
+    eprintln!("{case}: {matched} parameter gradients, worst error {worst:.3} of the budget");
+    worst
+}

@@ -9,7 +9,9 @@ use ldm::conditioning::{
 };
 use ldm::io::parameter_shapes;
 use ldm_tests::synthetic;
-use ldm_tests::{Fixture, TOL, assert_close, asset_path, device, fixture_path, relative_error};
+use ldm_tests::{
+    Fixture, TOL, assert_close, assert_param_grads, asset_path, device, fixture_path, relative_error,
+};
 
 const FILE: &str = "conditioning.safetensors";
 
@@ -244,6 +246,32 @@ fn bert_embedder_transformer() {
         .try_forward(fx.int::<2>("bert_tiny.ids", &device))
         .unwrap();
     assert_close("BERTEmbedder", out, fx.float("bert_tiny.out", &device));
+}
+
+/// Training: BERTEmbedder's backward pass (embeddings, attention, feed-forward, LayerNorms)
+/// matches the reference's autograd, parameter by parameter; the unused `to_logits` head gets no
+/// gradient on either side.
+#[test]
+fn bert_embedder_gradients_match_reference() {
+    let ad = device().autodiff();
+    let fx = Fixture::open(FILE);
+    let cfg: serde_json::Value = serde_json::from_str(&fx.meta_json("bert_grad.config")).unwrap();
+    let u = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    let mut model = BertEmbedderConfig::new(u("dim"), u("depth"))
+        .with_vocab_size(u("num_tokens"))
+        .with_max_seq_len(u("max_seq_len"))
+        .with_heads(u("heads"))
+        .with_dim_head(u("dim_head"))
+        .init(&ad);
+    let report = model
+        .load_weights(&synthetic::state_dict(&fx, "bert_grad", ""))
+        .unwrap();
+    assert!(report.unused.is_empty() && report.missing.is_empty(), "{report}");
+    let out = model
+        .try_forward(fx.int::<2>("bert_grad.ids", &ad))
+        .unwrap();
+    let grads = (out * fx.float::<3>("bert_grad.w", &ad)).sum().backward();
+    assert_param_grads(&fx, "bert_grad", &model, &grads);
 }
 
 #[test]

@@ -109,6 +109,17 @@ pub struct TrainLdm {
     /// to the training noise, so colour must come from the prompt (0: off, as the reference).
     #[arg(long, default_value_t = 0.0)]
     pub noise_offset: f64,
+    /// Min-SNR-γ loss weighting (diffusers' --snr_gamma; 5 is the paper's choice; off: the
+    /// reference's plain mean)
+    #[arg(long)]
+    pub snr_gamma: Option<f64>,
+    /// Draw the noisiest timesteps (the last --timestep-bias-portion of the schedule) this many
+    /// times as often (diffusers' --timestep_bias_strategy later; 1: uniform, as the reference)
+    #[arg(long, default_value_t = 1.0)]
+    pub timestep_bias_multiplier: f64,
+    /// The share of the schedule --timestep-bias-multiplier applies to
+    #[arg(long, default_value_t = 0.25)]
+    pub timestep_bias_portion: f64,
     /// Also train the conditioning encoder (default: the config's cond_stage_trainable).
     #[arg(long)]
     pub cond_trainable: bool,
@@ -289,6 +300,9 @@ fn diffusion(a: TrainLdm) -> Result<()> {
         .with_uncond_prob(a.ucg)
         .with_ema_decay((a.ema_decay > 0.0).then_some(a.ema_decay))
         .with_noise_offset(a.noise_offset)
+        .with_snr_gamma(a.snr_gamma)
+        .with_timestep_bias_multiplier(a.timestep_bias_multiplier)
+        .with_timestep_bias_portion(a.timestep_bias_portion)
         .with_cond_trainable(a.cond_trainable || spec.cond_stage_trainable)
         .with_seed(c.seed)
         .with_resume_epoch(resume_epoch(c)?)

@@ -52,6 +52,8 @@ struct DiffState {
     l1: bool,
     uncond_prob: f64,
     noise_offset: f64,
+    snr_gamma: Option<f64>,
+    timestep_bias: (f64, f64),
     scale_factor: Arc<Mutex<f64>>,
     scale_by_std: bool,
     key: ConditioningKey,
@@ -100,6 +102,35 @@ fn training_noise(
     }
 }
 
+/// A training timestep in `0..n`: uniform, or with the last `portion` of the schedule drawn
+/// `multiplier` times as often (`bias = (multiplier, portion)`; multiplier 1: uniform, with the
+/// same draws as before the option existed).
+fn sample_timestep(n: usize, (multiplier, portion): (f64, f64), rng: &mut rand::rngs::StdRng) -> usize {
+    if multiplier == 1.0 {
+        return rng.random_range(0..n);
+    }
+    let cut = n - ((portion * n as f64).round() as usize).clamp(1, n);
+    let total = cut as f64 + multiplier * (n - cut) as f64;
+    let u = rng.random::<f64>() * total;
+    if u < cut as f64 {
+        u as usize
+    } else {
+        (cut + ((u - cut as f64) / multiplier) as usize).min(n - 1)
+    }
+}
+
+/// The min-SNR-γ weight of a sample at `alphas_cumprod = a` for the given target (diffusers'
+/// `compute_snr` and its `--snr_gamma` weights).
+fn min_snr_weight(a: f64, gamma: f64, parameterization: Parameterization) -> f64 {
+    let snr = a / (1.0 - a);
+    let clipped = snr.min(gamma);
+    match parameterization {
+        Parameterization::Eps => clipped / snr,
+        Parameterization::V => clipped / (snr + 1.0),
+        Parameterization::X0 => clipped,
+    }
+}
+
 /// Settings of [`train_diffusion`].
 #[derive(Config, Debug)]
 pub struct DiffusionTrainingConfig {
@@ -135,6 +166,19 @@ pub struct DiffusionTrainingConfig {
     /// reference).
     #[config(default = 0.0)]
     pub noise_offset: f64,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023; diffusers' `--snr_gamma`, 5 recommended): each
+    /// sample's loss is weighted by `min(SNR, γ) / SNR` (ε), `min(SNR, γ) / (SNR + 1)` (v) or
+    /// `min(SNR, γ)` (x₀), so that the easy low-noise timesteps stop dominating the gradient.
+    /// None: off (the reference's plain mean).
+    pub snr_gamma: Option<f64>,
+    /// Timestep bias (diffusers' `--timestep_bias_strategy later`): timesteps in the last
+    /// `timestep_bias_portion` of the schedule (the noisiest, where the layout is decided) are
+    /// drawn this many times as often as the others. 1: uniform (the reference).
+    #[config(default = 1.0)]
+    pub timestep_bias_multiplier: f64,
+    /// The biased share of the schedule, in (0, 1] (diffusers' `--timestep_bias_portion`).
+    #[config(default = 0.25)]
+    pub timestep_bias_portion: f64,
     /// Train the conditioning encoder too.
     #[config(default = false)]
     pub cond_trainable: bool,
@@ -236,6 +280,8 @@ impl DiffusionTrainer {
                 l1: false,
                 uncond_prob: config.uncond_prob,
                 noise_offset: config.noise_offset,
+                snr_gamma: config.snr_gamma,
+                timestep_bias: (config.timestep_bias_multiplier, config.timestep_bias_portion),
                 scale_factor: Arc::new(Mutex::new(model.scale_factor)),
                 scale_by_std,
                 key: model.model.key,
@@ -455,8 +501,9 @@ impl DiffusionTrainer {
         let z = self.encode(batch.images.clone(), step);
         let [b, c, h, w] = z.dims();
         let mut rng = self.rng(step, 3);
+        let n_t = self.state.schedule.alphas_cumprod.len();
         let t: Vec<usize> = (0..b)
-            .map(|_| rng.random_range(0..self.state.schedule.alphas_cumprod.len()))
+            .map(|_| sample_timestep(n_t, self.state.timestep_bias, &mut rng))
             .collect();
         let noise = training_noise([b, c, h, w], self.state.noise_offset, &mut rng, &device);
         let acp: Vec<f32> = t
@@ -490,10 +537,22 @@ impl DiffusionTrainer {
             Parameterization::V => noise * sa - z * so,
         };
         let diff = out - target;
-        let loss = if self.state.l1 {
-            diff.abs().mean()
+        let err = if self.state.l1 {
+            diff.abs()
         } else {
-            diff.square().mean()
+            diff.square()
+        };
+        let loss = match self.state.snr_gamma {
+            None => err.mean(),
+            Some(gamma) => {
+                let w: Vec<f32> = acp
+                    .iter()
+                    .map(|&a| min_snr_weight(a as f64, gamma, self.state.parameterization) as f32)
+                    .collect();
+                // Per-sample means weighted, then averaged: every sample has c·h·w elements.
+                let w = Tensor::<4>::from_data(TensorData::new(w, [b, 1, 1, 1]), &device);
+                (err * w).mean()
+            }
         };
         let mean_t = t.iter().sum::<usize>() as f64 / b as f64;
         let value = loss.clone().inner().into_scalar::<f32>() as f64;
@@ -645,6 +704,15 @@ pub fn train_diffusion(
         return Err(Error::Config(
             "batch size, epochs and accumulation must be at least 1".into(),
         ));
+    }
+    if config.snr_gamma.is_some_and(|g| !(g > 0.0 && g.is_finite())) {
+        return Err(Error::Config("--snr-gamma must be a positive number".into()));
+    }
+    let (m, p) = (config.timestep_bias_multiplier, config.timestep_bias_portion);
+    if !(m > 0.0 && m.is_finite() && p > 0.0 && p <= 1.0) {
+        return Err(Error::Config(format!(
+            "timestep bias: the multiplier must be > 0 and the portion in (0, 1] (got {m}, {p})"
+        )));
     }
     let Loaders {
         train,
@@ -824,6 +892,42 @@ impl DiffusionTrainer {
 #[cfg(all(test, feature = "flex"))]
 mod tests {
     use super::*;
+
+    /// diffusers' min-SNR weights (train_text_to_image.py: `compute_snr`, then
+    /// `min(snr, γ) / snr` for ε and `/ (snr + 1)` for v), written out at known points.
+    #[test]
+    fn min_snr_weights_follow_diffusers() {
+        use Parameterization::*;
+        // snr = a / (1 - a): a = 0.5 → 1, a = 0.9 → 9, a = 0.01 → 1/99.
+        let close = |x: f64, y: f64| assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+        close(min_snr_weight(0.5, 5.0, Eps), 1.0);
+        close(min_snr_weight(0.9, 5.0, Eps), 5.0 / 9.0);
+        close(min_snr_weight(0.9, 5.0, V), 5.0 / 10.0);
+        close(min_snr_weight(0.01, 5.0, V), (1.0 / 99.0) / (1.0 / 99.0 + 1.0));
+        close(min_snr_weight(0.01, 5.0, Eps), 1.0);
+        close(min_snr_weight(0.9, 5.0, X0), 5.0);
+        close(min_snr_weight(0.5, 5.0, X0), 1.0);
+    }
+
+    /// Uniform without bias (the same draws as a plain `random_range`); with multiplier m on the
+    /// last portion p, that part gets m·p / (1 − p + m·p) of the draws.
+    #[test]
+    fn timestep_bias_shifts_draws_to_the_noisy_end() {
+        let mut a = step_rng(3, 0, 3);
+        let mut b = step_rng(3, 0, 3);
+        for _ in 0..100 {
+            assert_eq!(sample_timestep(1000, (1.0, 0.25), &mut a), b.random_range(0..1000));
+        }
+        let mut rng = step_rng(3, 1, 3);
+        let n = 40_000;
+        let draws: Vec<usize> = (0..n).map(|_| sample_timestep(1000, (3.0, 0.5), &mut rng)).collect();
+        assert!(draws.iter().all(|&t| t < 1000));
+        let late = draws.iter().filter(|&&t| t >= 500).count() as f64 / n as f64;
+        assert!((late - 0.75).abs() < 0.01, "share of t >= 500: {late}");
+        let early = draws.iter().filter(|&&t| t < 250).count() as f64 / n as f64;
+        assert!((early - 0.125).abs() < 0.01, "share of t < 250: {early}");
+        assert!(draws.contains(&0) && draws.contains(&999));
+    }
 
     /// Per-(sample, channel) spatial means of the training noise: their std is 1/√(h·w) for
     /// plain noise and ≈ `offset` with offset noise.
