@@ -225,17 +225,17 @@ pub fn assert_param_grads<M: burn::module::Module>(
     let (mut worst, mut matched) = (0.0f64, 0);
     for ((key, shape), g) in params.iter().zip(&ours.out) {
         let Some(j) = ref_keys.iter().position(|k| k == key) else {
-            assert!(g.is_none(), "{key}: has a gradient but the reference lists none");
+            assert!(
+                g.is_none(),
+                "{key}: has a gradient but the reference lists none"
+            );
             continue;
         };
         let (norm, sum) = g.unwrap_or_else(|| panic!("{key}: no gradient"));
         matched += 1;
         let budget = TOL * (norms[j] as f64).max(1e-3 * largest);
         let n = shape.iter().product::<usize>() as f64;
-        let (dn, ds) = (
-            (norm - norms[j]).abs() as f64,
-            (sum - sums[j]).abs() as f64,
-        );
+        let (dn, ds) = ((norm - norms[j]).abs() as f64, (sum - sums[j]).abs() as f64);
         worst = worst.max(dn / budget).max(ds / (budget * n.sqrt()));
         assert!(
             dn <= budget && ds <= budget * n.sqrt(),
@@ -244,7 +244,11 @@ pub fn assert_param_grads<M: burn::module::Module>(
             sums[j]
         );
     }
-    assert_eq!(matched, ref_keys.len(), "{case}: reference parameters without a match");
+    assert_eq!(
+        matched,
+        ref_keys.len(),
+        "{case}: reference parameters without a match"
+    );
     eprintln!("{case}: {matched} parameter gradients, worst error {worst:.3} of the budget");
     worst
 }

@@ -6,11 +6,13 @@ use burn::module::Module;
 use burn::tensor::Int;
 use ldm::conditioning::{
     BertEmbedderConfig, ClassEmbedder, ClipActivation, ClipTextConfig, TextTokenizer,
+    TransformerWrapper,
 };
 use ldm::io::parameter_shapes;
 use ldm_tests::synthetic;
 use ldm_tests::{
-    Fixture, TOL, assert_close, assert_param_grads, asset_path, device, fixture_path, relative_error,
+    Fixture, TOL, assert_close, assert_param_grads, asset_path, device, fixture_path,
+    relative_error,
 };
 
 const FILE: &str = "conditioning.safetensors";
@@ -222,26 +224,35 @@ fn clip_position_ids_buffer_is_accepted_and_ignored() {
     assert!(report.unused.is_empty(), "{report}");
 }
 
-#[test]
-fn bert_embedder_transformer() {
-    let device = device();
-    let fx = Fixture::open(FILE);
-    let cfg: serde_json::Value = serde_json::from_str(&fx.meta_json("bert_tiny.config")).unwrap();
+/// The fixture's BERTEmbedder transformer for `case` with its synthetic weights (CompVis key
+/// prefix `prefix`); every checkpoint key must be used.
+fn bert_model(
+    fx: &Fixture,
+    case: &str,
+    prefix: &str,
+    device: &burn::tensor::Device,
+) -> TransformerWrapper {
+    let cfg: serde_json::Value =
+        serde_json::from_str(&fx.meta_json(&format!("{case}.config"))).unwrap();
     let u = |k: &str| cfg[k].as_u64().unwrap() as usize;
     let mut model = BertEmbedderConfig::new(u("dim"), u("depth"))
         .with_vocab_size(u("num_tokens"))
         .with_max_seq_len(u("max_seq_len"))
         .with_heads(u("heads"))
         .with_dim_head(u("dim_head"))
-        .init(&device);
+        .init(device);
     let report = model
-        .load_weights(&synthetic::state_dict(
-            &fx,
-            "bert_tiny",
-            "cond_stage_model.transformer.",
-        ))
+        .load_weights(&synthetic::state_dict(fx, case, prefix))
         .unwrap();
     assert!(report.unused.is_empty(), "{report}");
+    model
+}
+
+#[test]
+fn bert_embedder_transformer() {
+    let device = device();
+    let fx = Fixture::open(FILE);
+    let model = bert_model(&fx, "bert_tiny", "cond_stage_model.transformer.", &device);
     let out = model
         .try_forward(fx.int::<2>("bert_tiny.ids", &device))
         .unwrap();
@@ -255,18 +266,7 @@ fn bert_embedder_transformer() {
 fn bert_embedder_gradients_match_reference() {
     let ad = device().autodiff();
     let fx = Fixture::open(FILE);
-    let cfg: serde_json::Value = serde_json::from_str(&fx.meta_json("bert_grad.config")).unwrap();
-    let u = |k: &str| cfg[k].as_u64().unwrap() as usize;
-    let mut model = BertEmbedderConfig::new(u("dim"), u("depth"))
-        .with_vocab_size(u("num_tokens"))
-        .with_max_seq_len(u("max_seq_len"))
-        .with_heads(u("heads"))
-        .with_dim_head(u("dim_head"))
-        .init(&ad);
-    let report = model
-        .load_weights(&synthetic::state_dict(&fx, "bert_grad", ""))
-        .unwrap();
-    assert!(report.unused.is_empty() && report.missing.is_empty(), "{report}");
+    let model = bert_model(&fx, "bert_grad", "", &ad);
     let out = model
         .try_forward(fx.int::<2>("bert_grad.ids", &ad))
         .unwrap();

@@ -411,7 +411,10 @@ fn unet_gradients_match_reference() {
     let report = model
         .load_weights(&synthetic::state_dict(&fx, case, ""))
         .unwrap();
-    assert!(report.unused.is_empty() && report.missing.is_empty(), "{report}");
+    assert!(
+        report.unused.is_empty() && report.missing.is_empty(),
+        "{report}"
+    );
     let x = fx.float::<4>("unet_grad.x", &ad).require_grad();
     let ctx = fx.float::<3>("unet_grad.context", &ad).require_grad();
     let t = fx.int::<1>("unet_grad.t", &ad).float();

@@ -105,7 +105,11 @@ fn training_noise(
 /// A training timestep in `0..n`: uniform, or with the last `portion` of the schedule drawn
 /// `multiplier` times as often (`bias = (multiplier, portion)`; multiplier 1: uniform, with the
 /// same draws as before the option existed).
-fn sample_timestep(n: usize, (multiplier, portion): (f64, f64), rng: &mut rand::rngs::StdRng) -> usize {
+fn sample_timestep(
+    n: usize,
+    (multiplier, portion): (f64, f64),
+    rng: &mut rand::rngs::StdRng,
+) -> usize {
     if multiplier == 1.0 {
         return rng.random_range(0..n);
     }
@@ -281,7 +285,10 @@ impl DiffusionTrainer {
                 uncond_prob: config.uncond_prob,
                 noise_offset: config.noise_offset,
                 snr_gamma: config.snr_gamma,
-                timestep_bias: (config.timestep_bias_multiplier, config.timestep_bias_portion),
+                timestep_bias: (
+                    config.timestep_bias_multiplier,
+                    config.timestep_bias_portion,
+                ),
                 scale_factor: Arc::new(Mutex::new(model.scale_factor)),
                 scale_by_std,
                 key: model.model.key,
@@ -705,10 +712,18 @@ pub fn train_diffusion(
             "batch size, epochs and accumulation must be at least 1".into(),
         ));
     }
-    if config.snr_gamma.is_some_and(|g| !(g > 0.0 && g.is_finite())) {
-        return Err(Error::Config("--snr-gamma must be a positive number".into()));
+    if config
+        .snr_gamma
+        .is_some_and(|g| !(g > 0.0 && g.is_finite()))
+    {
+        return Err(Error::Config(
+            "--snr-gamma must be a positive number".into(),
+        ));
     }
-    let (m, p) = (config.timestep_bias_multiplier, config.timestep_bias_portion);
+    let (m, p) = (
+        config.timestep_bias_multiplier,
+        config.timestep_bias_portion,
+    );
     if !(m > 0.0 && m.is_finite() && p > 0.0 && p <= 1.0) {
         return Err(Error::Config(format!(
             "timestep bias: the multiplier must be > 0 and the portion in (0, 1] (got {m}, {p})"
@@ -903,7 +918,10 @@ mod tests {
         close(min_snr_weight(0.5, 5.0, Eps), 1.0);
         close(min_snr_weight(0.9, 5.0, Eps), 5.0 / 9.0);
         close(min_snr_weight(0.9, 5.0, V), 5.0 / 10.0);
-        close(min_snr_weight(0.01, 5.0, V), (1.0 / 99.0) / (1.0 / 99.0 + 1.0));
+        close(
+            min_snr_weight(0.01, 5.0, V),
+            (1.0 / 99.0) / (1.0 / 99.0 + 1.0),
+        );
         close(min_snr_weight(0.01, 5.0, Eps), 1.0);
         close(min_snr_weight(0.9, 5.0, X0), 5.0);
         close(min_snr_weight(0.5, 5.0, X0), 1.0);
@@ -916,11 +934,16 @@ mod tests {
         let mut a = step_rng(3, 0, 3);
         let mut b = step_rng(3, 0, 3);
         for _ in 0..100 {
-            assert_eq!(sample_timestep(1000, (1.0, 0.25), &mut a), b.random_range(0..1000));
+            assert_eq!(
+                sample_timestep(1000, (1.0, 0.25), &mut a),
+                b.random_range(0..1000)
+            );
         }
         let mut rng = step_rng(3, 1, 3);
         let n = 40_000;
-        let draws: Vec<usize> = (0..n).map(|_| sample_timestep(1000, (3.0, 0.5), &mut rng)).collect();
+        let draws: Vec<usize> = (0..n)
+            .map(|_| sample_timestep(1000, (3.0, 0.5), &mut rng))
+            .collect();
         assert!(draws.iter().all(|&t| t < 1000));
         let late = draws.iter().filter(|&&t| t >= 500).count() as f64 / n as f64;
         assert!((late - 0.75).abs() < 0.01, "share of t >= 500: {late}");
