@@ -15,6 +15,7 @@ pub use diffusers::{
     unet_key_to_diffusers,
 };
 
+#[cfg(feature = "train")]
 pub(crate) use compvis::tensor_scalar;
 pub use compvis::{
     CheckpointOptions, CondStageSpec, FirstStageSpec, KNOWN_BUFFERS, LdmSpec, SUPPORTED_TARGETS,
