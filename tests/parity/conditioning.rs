@@ -225,7 +225,7 @@ fn clip_position_ids_buffer_is_accepted_and_ignored() {
 }
 
 /// The fixture's BERTEmbedder transformer for `case` with its synthetic weights (CompVis key
-/// prefix `prefix`); every checkpoint key must be used.
+/// prefix `prefix`); every checkpoint key must be used and every parameter loaded.
 fn bert_model(
     fx: &Fixture,
     case: &str,
@@ -244,7 +244,10 @@ fn bert_model(
     let report = model
         .load_weights(&synthetic::state_dict(fx, case, prefix))
         .unwrap();
-    assert!(report.unused.is_empty(), "{report}");
+    assert!(
+        report.unused.is_empty() && report.missing.is_empty(),
+        "{report}"
+    );
     model
 }
 

@@ -513,24 +513,17 @@ impl DiffusionTrainer {
             .map(|_| sample_timestep(n_t, self.state.timestep_bias, &mut rng))
             .collect();
         let noise = training_noise([b, c, h, w], self.state.noise_offset, &mut rng, &device);
-        let acp: Vec<f32> = t
+        let acp: Vec<f64> = t
             .iter()
-            .map(|&i| self.state.schedule.alphas_cumprod[i] as f32)
+            .map(|&i| self.state.schedule.alphas_cumprod[i])
             .collect();
-        let sa = Tensor::<4>::from_data(
-            TensorData::new(
-                acp.iter().map(|a| a.sqrt()).collect::<Vec<_>>(),
-                [b, 1, 1, 1],
-            ),
-            &device,
-        );
-        let so = Tensor::<4>::from_data(
-            TensorData::new(
-                acp.iter().map(|a| (1.0 - a).sqrt()).collect::<Vec<_>>(),
-                [b, 1, 1, 1],
-            ),
-            &device,
-        );
+        // One value per sample from its ᾱ_t, broadcast over [c, h, w].
+        let per_sample = |f: &dyn Fn(f64) -> f32| {
+            let v: Vec<f32> = acp.iter().map(|&a| f(a)).collect();
+            Tensor::<4>::from_data(TensorData::new(v, [b, 1, 1, 1]), &device)
+        };
+        let sa = per_sample(&|a| (a as f32).sqrt());
+        let so = per_sample(&|a| (1.0 - a as f32).sqrt());
         let x_noisy = z.clone() * sa.clone() + noise.clone() * so.clone();
         let (context, y) = self.conditioning(&batch, step, &device);
         let tt = Tensor::<1>::from_data(
@@ -552,13 +545,9 @@ impl DiffusionTrainer {
         let loss = match self.state.snr_gamma {
             None => err.mean(),
             Some(gamma) => {
-                let w: Vec<f32> = acp
-                    .iter()
-                    .map(|&a| min_snr_weight(a as f64, gamma, self.state.parameterization) as f32)
-                    .collect();
+                let p = self.state.parameterization;
                 // Per-sample means weighted, then averaged: every sample has c·h·w elements.
-                let w = Tensor::<4>::from_data(TensorData::new(w, [b, 1, 1, 1]), &device);
-                (err * w).mean()
+                (err * per_sample(&|a| min_snr_weight(a, gamma, p) as f32)).mean()
             }
         };
         let mean_t = t.iter().sum::<usize>() as f64 / b as f64;
