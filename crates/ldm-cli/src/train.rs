@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use ldm::io::{CheckpointOptions, FirstStageSpec, LdmSpec, StateDict, autoencoder_training_config};
 use ldm::losses::PerceptualLoss;
 use ldm::training::autoencoder::{
@@ -14,6 +14,15 @@ use ldm::training::data::{ImageFolder, ImageTransform};
 use ldm::training::diffusion::{
     DiffusionTrainer, DiffusionTrainingConfig, save_compvis_checkpoint, train_diffusion,
 };
+
+/// The learning rate schedule after the warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LrScheduler {
+    /// The peak learning rate to the end.
+    Constant,
+    /// A half cosine from the peak to 0 at the last step.
+    Cosine,
+}
 
 /// What to train.
 #[derive(Subcommand, Debug)]
@@ -99,6 +108,10 @@ pub struct TrainLdm {
     /// Warm-up steps (linear from 1e-6 · lr).
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
+    /// The learning rate after the warm-up (diffusers' --lr_scheduler): constant (the reference)
+    /// or a half cosine down to 0 at the run's last step.
+    #[arg(long, value_enum, default_value_t = LrScheduler::Constant)]
+    pub lr_scheduler: LrScheduler,
     /// Probability of dropping the caption / class (classifier-free guidance).
     #[arg(long, default_value_t = 0.1)]
     pub ucg: f64,
@@ -293,6 +306,7 @@ fn diffusion(a: TrainLdm) -> Result<()> {
     let cfg = DiffusionTrainingConfig::new()
         .with_learning_rate(lr)
         .with_warmup_steps(a.warmup)
+        .with_cosine_decay(a.lr_scheduler == LrScheduler::Cosine)
         .with_batch_size(c.batch_size)
         .with_grad_accumulation(a.accumulate)
         .with_epochs(c.epochs)

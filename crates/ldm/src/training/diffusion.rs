@@ -144,6 +144,10 @@ pub struct DiffusionTrainingConfig {
     /// Linear warm-up steps from 1e-6 · lr (`LambdaLinearScheduler`).
     #[config(default = 0)]
     pub warmup_steps: usize,
+    /// After the warm-up, decay the learning rate to 0 along a half cosine over the rest of the
+    /// run (diffusers' `--lr_scheduler cosine`). Off: constant, as the reference.
+    #[config(default = false)]
+    pub cosine_decay: bool,
     /// AdamW weight decay (PyTorch's default).
     #[config(default = 0.01)]
     pub weight_decay: f64,
@@ -650,22 +654,37 @@ impl InferenceStep for DiffusionTrainer {
     }
 }
 
-/// A learning rate that rises linearly from 1e-6·lr to lr over `warmup` steps, then stays.
+/// A learning rate that rises linearly from 1e-6·lr to lr over `warmup` steps, then stays, or
+/// with `cosine_total = Some(n)` falls to 0 along a half cosine at optimizer step `n` (diffusers'
+/// `get_cosine_schedule_with_warmup`).
 #[derive(Clone, Debug)]
 struct Warmup {
     lr: f64,
     warmup: usize,
+    cosine_total: Option<usize>,
     step: usize,
+}
+
+impl Warmup {
+    /// The learning rate of (1-based) optimizer step `step`.
+    fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.lr * (1e-6 + (1.0 - 1e-6) * step as f64 / self.warmup as f64);
+        }
+        match self.cosine_total {
+            Some(total) if total > self.warmup => {
+                let progress = (step - self.warmup) as f64 / (total - self.warmup) as f64;
+                self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+            }
+            _ => self.lr,
+        }
+    }
 }
 
 impl burn::lr_scheduler::LrScheduler for Warmup {
     fn step(&mut self) -> burn::optim::LearningRate {
         self.step += 1;
-        if self.warmup == 0 || self.step >= self.warmup {
-            return self.lr;
-        }
-        let f = 1e-6 + (1.0 - 1e-6) * self.step as f64 / self.warmup as f64;
-        self.lr * f
+        self.lr_at(self.step)
     }
     fn to_record(&self) -> burn::lr_scheduler::LrSchedulerRecord {
         burn::lr_scheduler::LrSchedulerRecord::new().with_scalar("step", self.step as u64)
@@ -762,9 +781,15 @@ pub fn train_diffusion(
         training = training.checkpoint(e);
     }
     let counter = model.state.step.clone();
+    // Optimizer steps in the run: each one takes one batch per device, `accumulation` times.
+    let updates = steps
+        .div_ceil(devices.len().max(1))
+        .div_ceil(config.grad_accumulation)
+        * config.epochs;
     let scheduler = Warmup {
         lr: config.learning_rate,
         warmup: config.warmup_steps,
+        cosine_total: config.cosine_decay.then_some(updates),
         step: 0,
     };
     let training = with_devices(training, devices);
@@ -914,6 +939,30 @@ mod tests {
         close(min_snr_weight(0.01, 5.0, Eps), 1.0);
         close(min_snr_weight(0.9, 5.0, X0), 5.0);
         close(min_snr_weight(0.5, 5.0, X0), 1.0);
+    }
+
+    /// diffusers' `get_cosine_schedule_with_warmup` (one half cycle) after our linear warm-up:
+    /// the peak right after warm-up, half of it midway, 0 at the last step and after.
+    #[test]
+    fn cosine_decay_follows_diffusers() {
+        let close = |x: f64, y: f64| assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+        let s = |cosine_total| Warmup {
+            lr: 2.0,
+            warmup: 10,
+            cosine_total,
+            step: 0,
+        };
+        let (constant, cosine) = (s(None), s(Some(110)));
+        for step in 1..10 {
+            close(cosine.lr_at(step), constant.lr_at(step));
+        }
+        close(constant.lr_at(5), 2.0 * (1e-6 + (1.0 - 1e-6) * 0.5));
+        close(constant.lr_at(60), 2.0);
+        close(cosine.lr_at(10), 2.0);
+        close(cosine.lr_at(35), 1.0 + (std::f64::consts::PI / 4.0).cos());
+        close(cosine.lr_at(60), 1.0);
+        close(cosine.lr_at(110), 0.0);
+        close(cosine.lr_at(500), 0.0);
     }
 
     /// Uniform without bias (the same draws as a plain `random_range`); with multiplier m on the
