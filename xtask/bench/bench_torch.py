@@ -7,6 +7,7 @@ from a config dict), so the numbers can be set next to the Rust crate's own
 measurements of the same workloads:
 
   unet-32 / unet-64   UNet2DConditionModel forward, latent [2,4,S,S], t [2], ctx [2,77,768]
+  unet-train-32       the same UNet's training step at S = 32: forward, mean square, backward
   vae-32 / vae-64     AutoencoderKL.decode of a [1,4,S,S] latent
   clip                CLIPTextModel (ViT-L/14 text tower), input_ids [2,77]
   txt2img-256         CLIP (cond+uncond) + 20 DDIM steps, CFG 7.5 + VAE decode, by hand
@@ -29,7 +30,7 @@ import diffusers
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-WORKLOADS = ["unet-32", "unet-64", "vae-32", "vae-64", "clip", "txt2img-256"]
+WORKLOADS = ["unet-32", "unet-train-32", "unet-64", "vae-32", "vae-64", "clip", "txt2img-256"]
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 UNET_CONFIG = dict(
@@ -92,7 +93,13 @@ def build(workload, dev, dtype, seed):
         clip = prep(CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG)))
         attn.append("clip:" + str(getattr(clip.config, "_attn_implementation", "?")))
 
-    if workload.startswith("unet"):
+    if workload == "unet-train-32":
+        x, t, ctx = rand(2, 4, 32, 32), torch.tensor([500, 500], device=dev), rand(2, 77, 768)
+
+        def step():
+            unet.zero_grad(set_to_none=True)
+            unet(x, t, encoder_hidden_states=ctx).sample.square().mean().backward()
+    elif workload.startswith("unet"):
         s = int(workload.split("-")[1])
         x, t, ctx = rand(2, 4, s, s), torch.tensor([500, 500], device=dev), rand(2, 77, 768)
         step = lambda: unet(x, t, encoder_hidden_states=ctx).sample
@@ -148,7 +155,8 @@ def main():
         torch.cuda.reset_peak_memory_stats()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    with torch.inference_mode():
+    # Gradients only for the training workload.
+    with torch.inference_mode(a.workload != "unet-train-32"):
         t0 = time.perf_counter()
         step, attention = build(a.workload, dev, DTYPES[a.dtype], a.seed)
         sync()

@@ -14,8 +14,12 @@ use ldm::io::{CondStageSpec, FirstStageSpec, LdmSpec};
 use ldm::schedulers::{SamplerKind, SamplerOptions, SeededNoise};
 
 /// The workloads, in the order they run.
-pub const WORKLOADS: [(&str, &str); 6] = [
+pub const WORKLOADS: [(&str, &str); 7] = [
     ("unet-32", "UNet step, CFG batch 2, 32x32 latent (256 px)"),
+    (
+        "unet-train-32",
+        "UNet training step (forward, MSE, backward), batch 2, 32x32 latent",
+    ),
     ("unet-64", "UNet step, CFG batch 2, 64x64 latent (512 px)"),
     ("vae-32", "VAE decode 32x32 -> 256x256"),
     ("vae-64", "VAE decode 64x64 -> 512x512"),
@@ -26,7 +30,8 @@ pub const WORKLOADS: [(&str, &str); 6] = [
 /// `ldm bench`.
 #[derive(Args, Debug)]
 pub struct Bench {
-    /// Workloads, comma-separated (unet-32, unet-64, vae-32, vae-64, clip, txt2img-256) or `all`.
+    /// Workloads, comma-separated (unet-32, unet-train-32, unet-64, vae-32, vae-64, clip,
+    /// txt2img-256) or `all`.
     #[arg(long, default_value = "all")]
     pub workload: String,
     /// Model shapes: `sd-v1` (the real ones) or `tiny` (a smoke test of the bench itself).
@@ -193,6 +198,31 @@ fn run_one(b: &Bench, workload: &str, device: &Device) -> Result<Timing> {
                 Ok(())
             })?;
             finish(workload, r, build_s, device)
+        }
+        "unet-train-32" => {
+            if b.precision != Precision::F32 {
+                bail!("{workload} runs in f32 only");
+            }
+            let device = device.clone().autodiff();
+            let unet = spec.unet.init(&device)?;
+            let side = 32 / if b.preset == "tiny" { 2 } else { 1 };
+            let c = unet.in_channels();
+            let ctx = unet.context_dim().unwrap_or(768);
+            let x =
+                Tensor::<4>::random([2, c, side, side], Distribution::Normal(0.0, 1.0), &device);
+            let t = Tensor::<1>::from_data(TensorData::new(vec![500f32, 500.0], [2]), &device);
+            let context =
+                Tensor::<3>::random([2, 77, ctx], Distribution::Normal(0.0, 1.0), &device);
+            let build_s = build.elapsed().as_secs_f64();
+            let r = time(b.warmup, b.runs, || {
+                let out = unet.forward(x.clone(), t.clone(), Some(context.clone()), None);
+                let _grads = (out.clone() * out).mean().backward();
+                device
+                    .sync()
+                    .map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
+                Ok(())
+            })?;
+            finish(workload, r, build_s, &device)
         }
         "vae-32" | "vae-64" => {
             let FirstStageSpec::Kl(cfg) = &spec.first_stage else {
