@@ -181,6 +181,48 @@ mod kernels {
             });
     }
 
+    /// `dst (+)= lhs · rhs` for an `m x n` `dst` (row stride `dst_rs`, unit column stride), an
+    /// `m x k` `lhs` (`(pointer, row stride)`, unit column stride) and a `k x n` `rhs`
+    /// (`(pointer, column stride, row stride)`), multithreaded; `dst` is read only when
+    /// `accumulate`.
+    ///
+    /// # Safety
+    /// Every element the strides address must lie inside its allocation, and `dst` must not
+    /// overlap `lhs` or `rhs`.
+    unsafe fn gemm_f32(
+        [m, n, k]: [usize; 3],
+        dst: *mut f32,
+        dst_rs: isize,
+        accumulate: bool,
+        (lhs, lhs_rs): (*const f32, isize),
+        (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
+    ) {
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst,
+                1,
+                dst_rs,
+                accumulate,
+                lhs,
+                1,
+                lhs_rs,
+                rhs,
+                rhs_cs,
+                rhs_rs,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+    }
+
     /// Rows of one image per im2col block, so that a block stays under [`COL_BLOCK_FLOATS`].
     fn rows_per_block(kk: usize, h: usize, w: usize) -> usize {
         (COL_BLOCK_FLOATS / (kk * w)).clamp(1, h)
@@ -234,26 +276,13 @@ mod kernels {
                 // (`c_out·hw` floats); lhs is `c_out x kk` contiguous; rhs is `kk` rows of `n` at
                 // stride `rhs_rs` within `rhs`.
                 unsafe {
-                    gemm::gemm(
-                        c_out,
-                        n,
-                        kk,
+                    gemm_f32(
+                        [c_out, n, kk],
                         ob.as_mut_ptr().add(r0 * w),
-                        1,
                         hw as isize,
                         read_dst,
-                        wm.as_ptr(),
-                        1,
-                        kk as isize,
-                        rhs.as_ptr(),
-                        1,
-                        rhs_rs,
-                        1.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::Rayon(0),
+                        (wm.as_ptr(), kk as isize),
+                        (rhs.as_ptr(), 1, rhs_rs),
                     );
                 }
             }
@@ -337,26 +366,13 @@ mod kernels {
             // SAFETY: dst is `c_out x kk` contiguous in `dw`; lhs `c_out x n` contiguous in `dyt`;
             // rhs reads `col[q·n + p]` for q < kk, p < n, inside `col`.
             unsafe {
-                gemm::gemm(
-                    c_out,
-                    kk,
-                    n,
+                gemm_f32(
+                    [c_out, kk, n],
                     dw.as_mut_ptr(),
-                    1,
                     kk as isize,
                     bn > 0,
-                    dyt.as_ptr(),
-                    1,
-                    n as isize,
-                    col.as_ptr(),
-                    n as isize,
-                    1,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(0),
+                    (dyt.as_ptr(), n as isize),
+                    (col.as_ptr(), n as isize, 1),
                 );
             }
         }
