@@ -22,7 +22,12 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// mimalloc, kept from handing freed buffers back to the OS (`ldm::alloc`).
+#[global_allocator]
+static GLOBAL: ldm::alloc::MiMalloc = ldm::alloc::MiMalloc;
+
 fn main() -> Result<()> {
+    ldm::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let device = ldm::device::parse_device(args.get(2).map(String::as_str).unwrap_or("cpu"))?;
     device.seed(0);

@@ -46,7 +46,12 @@ struct Args {
     device: String,
 }
 
+/// mimalloc, kept from handing freed buffers back to the OS (`ldm::alloc`).
+#[global_allocator]
+static GLOBAL: ldm::alloc::MiMalloc = ldm::alloc::MiMalloc;
+
 fn main() -> Result<()> {
+    ldm::alloc::keep_freed_memory();
     let args = Args::parse();
     let device = ldm::device::parse_device(&args.device)?;
     let start = std::time::Instant::now();

@@ -87,38 +87,12 @@ pub struct ModelArgs {
     pub precision: ldm::device::Precision,
 }
 
-/// mimalloc, set by [`keep_freed_memory`] to hold freed pages for reuse.
+/// mimalloc, kept from handing freed buffers back to the OS (`ldm::alloc`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Freed tensor buffers stay with the process for reuse instead of going back to the OS (the
-/// resident size no longer shrinks after a peak, and peaks measured about 10% higher). glibc's malloc and
-/// mimalloc's default purging hand large buffers back soon after they are freed, and the next
-/// step's tensors then fault in freshly zeroed pages: measured on a 2-core machine, a quarter of an
-/// SD UNet training step went to the kernel's page clearing (`ldm bench --workload unet-train-32`:
-/// 15.2 s with glibc, 9.8 s with this, peak 7.6 GiB → 8.4 GiB; `unet-32` 3.7 s, 2.9 s). `MIMALLOC_PURGE_DELAY` still
-/// overrides it.
-fn keep_freed_memory() {
-    // `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (libmimalloc-sys names the options
-    // around it, 14 and 16, but not this one); its default, 10 ms in mimalloc 2 and 1000 ms in
-    // mimalloc 3, is checked before setting. 1000 ms is not enough: a training step is longer.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-        return;
-    }
-    // SAFETY: reading and setting a mimalloc option by index; no pointers involved.
-    unsafe {
-        if matches!(
-            libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY),
-            10 | 1000
-        ) {
-            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
-        }
-    }
-}
+static GLOBAL: ldm::alloc::MiMalloc = ldm::alloc::MiMalloc;
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    ldm::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let level = if cli.quiet {
         "warn"

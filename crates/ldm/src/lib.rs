@@ -21,6 +21,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "mimalloc")]
+pub mod alloc;
 pub mod conditioning;
 pub mod demo;
 pub mod device;
