@@ -93,16 +93,15 @@ def build(workload, dev, dtype, seed):
         clip = prep(CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG)))
         attn.append("clip:" + str(getattr(clip.config, "_attn_implementation", "?")))
 
-    if workload == "unet-train-32":
-        x, t, ctx = rand(2, 4, 32, 32), torch.tensor([500, 500], device=dev), rand(2, 77, 768)
-
-        def step():
-            unet.zero_grad(set_to_none=True)
-            unet(x, t, encoder_hidden_states=ctx).sample.square().mean().backward()
-    elif workload.startswith("unet"):
-        s = int(workload.split("-")[1])
+    if workload.startswith("unet"):
+        s = int(workload.split("-")[-1])
         x, t, ctx = rand(2, 4, s, s), torch.tensor([500, 500], device=dev), rand(2, 77, 768)
-        step = lambda: unet(x, t, encoder_hidden_states=ctx).sample
+        if workload == "unet-train-32":
+            def step():
+                unet.zero_grad(set_to_none=True)
+                unet(x, t, encoder_hidden_states=ctx).sample.square().mean().backward()
+        else:
+            step = lambda: unet(x, t, encoder_hidden_states=ctx).sample
     elif workload.startswith("vae"):
         s = int(workload.split("-")[1])
         z = rand(1, 4, s, s)

@@ -174,6 +174,24 @@ fn sync4(x: Tensor<4>) {
     let _ = x.slice([0..1, 0..1, 0..1, 0..1]).into_data();
 }
 
+/// A UNet workload's inputs, batch 2: a random latent `[2, C, S, S]` at side `side` (halved for the
+/// tiny preset), timestep `t` for both, a random 77-token context.
+fn unet_inputs(
+    unet: &ldm::models::unet::UNetModel,
+    side: usize,
+    preset: &str,
+    t: f32,
+    device: &Device,
+) -> (Tensor<4>, Tensor<1>, Tensor<3>) {
+    let side = side / if preset == "tiny" { 2 } else { 1 };
+    let c = unet.in_channels();
+    let ctx = unet.context_dim().unwrap_or(768);
+    let x = Tensor::<4>::random([2, c, side, side], Distribution::Normal(0.0, 1.0), device);
+    let t = Tensor::<1>::from_data(TensorData::new(vec![t, t], [2]), device);
+    let context = Tensor::<3>::random([2, 77, ctx], Distribution::Normal(0.0, 1.0), device);
+    (x, t, context)
+}
+
 fn run_one(b: &Bench, workload: &str, device: &Device) -> Result<Timing> {
     let spec = spec(&b.preset)?;
     let build = Instant::now();
@@ -184,14 +202,9 @@ fn run_one(b: &Bench, workload: &str, device: &Device) -> Result<Timing> {
             if b.precision != Precision::F32 {
                 unet = ldm::device::cast_module(unet, dtype);
             }
-            let side = if workload == "unet-32" { 32 } else { 64 }
-                / if b.preset == "tiny" { 2 } else { 1 };
-            let c = unet.in_channels();
-            let ctx = unet.context_dim().unwrap_or(768);
-            let x = Tensor::<4>::random([2, c, side, side], Distribution::Normal(0.0, 1.0), device)
-                .cast(dtype);
-            let t = Tensor::<1>::from_data(TensorData::new(vec![999f32, 999.0], [2]), device);
-            let context = Tensor::<3>::random([2, 77, ctx], Distribution::Normal(0.0, 1.0), device);
+            let side = if workload == "unet-32" { 32 } else { 64 };
+            let (x, t, context) = unet_inputs(&unet, side, &b.preset, 999.0, device);
+            let x = x.cast(dtype);
             let build_s = build.elapsed().as_secs_f64();
             let r = time(b.warmup, b.runs, || {
                 sync4(unet.forward(x.clone(), t.clone(), Some(context.clone()), None));
@@ -205,14 +218,7 @@ fn run_one(b: &Bench, workload: &str, device: &Device) -> Result<Timing> {
             }
             let device = device.clone().autodiff();
             let unet = spec.unet.init(&device)?;
-            let side = 32 / if b.preset == "tiny" { 2 } else { 1 };
-            let c = unet.in_channels();
-            let ctx = unet.context_dim().unwrap_or(768);
-            let x =
-                Tensor::<4>::random([2, c, side, side], Distribution::Normal(0.0, 1.0), &device);
-            let t = Tensor::<1>::from_data(TensorData::new(vec![500f32, 500.0], [2]), &device);
-            let context =
-                Tensor::<3>::random([2, 77, ctx], Distribution::Normal(0.0, 1.0), &device);
+            let (x, t, context) = unet_inputs(&unet, 32, &b.preset, 500.0, &device);
             let build_s = build.elapsed().as_secs_f64();
             let r = time(b.warmup, b.runs, || {
                 let out = unet.forward(x.clone(), t.clone(), Some(context.clone()), None);

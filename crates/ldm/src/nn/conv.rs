@@ -54,8 +54,10 @@ fn fast_path_kernel(conv: &Conv2d, x: &Tensor<4>) -> Option<usize> {
     if !on_flex {
         return None;
     }
-    if x.dtype() != burn::tensor::DType::F32
-        || conv.weight.val().dtype() != burn::tensor::DType::F32
+    let f32 = burn::tensor::DType::F32;
+    if x.dtype() != f32
+        || conv.weight.val().dtype() != f32
+        || conv.bias.as_ref().is_some_and(|b| b.val().dtype() != f32)
     {
         return None;
     }
@@ -223,9 +225,10 @@ mod kernels {
         }
     }
 
-    /// Rows of one image per im2col block, so that a block stays under [`COL_BLOCK_FLOATS`].
-    fn rows_per_block(kk: usize, h: usize, w: usize) -> usize {
-        (COL_BLOCK_FLOATS / (kk * w)).clamp(1, h)
+    /// Rows of one image per im2col block, so that a block stays under `block_floats` (at least
+    /// one row).
+    fn rows_per_block(kk: usize, h: usize, w: usize, block_floats: usize) -> usize {
+        (block_floats / (kk * w)).clamp(1, h)
     }
 
     /// A k x k, stride-1, zero-padded "same" convolution of `x` (`[B, C_in, H, W]`) with `wm`
@@ -251,7 +254,11 @@ mod kernels {
                 .for_each(|(i, row)| row.fill(bias[i % c_out]));
         }
         let read_dst = bias.is_some();
-        let rows_per_block = if k == 1 { h } else { rows_per_block(kk, h, w) };
+        let rows_per_block = if k == 1 {
+            h
+        } else {
+            rows_per_block(kk, h, w, COL_BLOCK_FLOATS)
+        };
         let mut col = if k == 1 {
             Vec::new()
         } else {
@@ -331,7 +338,7 @@ mod kernels {
                 blocks.push(chunk.iter().map(|&bi| (bi, 0, h)).collect());
             }
         } else {
-            let rpb = (block_floats / (kk * w)).clamp(1, h);
+            let rpb = rows_per_block(kk, h, w, block_floats);
             for bi in 0..b {
                 for r0 in (0..h).step_by(rpb) {
                     blocks.push(vec![(bi, r0, rpb.min(h - r0))]);
@@ -432,7 +439,7 @@ mod tracked {
     use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
     use burn::backend::flex::FlexTensor;
     use burn::backend::{TensorMetadata, tensor::FloatTensor};
-    use burn::tensor::{DType, Tensor, TensorData};
+    use burn::tensor::{Tensor, TensorData};
     use std::borrow::Cow;
 
     /// A float tensor of `Autodiff<Flex, C>`, whatever the checkpointing strategy `C`.
@@ -562,20 +569,15 @@ mod tracked {
         };
     }
 
-    /// The convolution as a tracked operation when `x`, `w` and `bias` are f32 autodiff tensors
-    /// on Flex; `None` otherwise (the caller then takes Burn's path).
+    /// The convolution as a tracked operation when `x`, `w` and `bias` are autodiff tensors on
+    /// Flex; `None` otherwise (the caller then takes Burn's path). They must be f32, as
+    /// `fast_path_kernel` checks.
     pub(super) fn same_conv(
         x: &Tensor<4>,
         w: &Tensor<4>,
         bias: Option<&Tensor<1>>,
         k: usize,
     ) -> Option<Tensor<4>> {
-        if x.dtype() != DType::F32
-            || w.dtype() != DType::F32
-            || bias.is_some_and(|b| b.dtype() != DType::F32)
-        {
-            return None;
-        }
         try_strategy!(NoCheckpointing, x, w, bias, k);
         try_strategy!(BalancedCheckpointing, x, w, bias, k);
         None
