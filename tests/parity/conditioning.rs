@@ -116,6 +116,43 @@ fn bert_ids_match_reference_tokenizer() {
     }
 }
 
+/// `BERTEmbedder(max_seq_len=N)` tokenizes with `max_length=N`: Hugging Face keeps `[CLS]`, the first
+/// N-2 tokens and `[SEP]` of a longer prompt and pads a shorter one, so the reference's N ids follow from
+/// its 77 (untruncated length L: the first N ids when L ≤ N, else the first N-1 and `[SEP]`).
+#[test]
+fn bert_ids_at_a_shorter_max_length() {
+    let fx = Fixture::open(FILE);
+    let expected = fx.ints("bert.ids");
+    let lengths = fx.ints("bert.untruncated_len");
+    let prompts = prompts(&fx);
+    for (how, tok) in bert_tokenizers() {
+        for n in [16, 8] {
+            let tok = tok.clone().with_max_length(n);
+            assert_eq!(tok.max_length(), n);
+            let mut truncated = 0;
+            for (i, p) in prompts.iter().enumerate() {
+                let ref77 = &expected[i * 77..(i + 1) * 77];
+                let len = lengths[i] as usize;
+                let mut want: Vec<u32> = ref77[..n].iter().map(|&v| v as u32).collect();
+                if len > n {
+                    want[n - 1] = 102; // [SEP]
+                    truncated += 1;
+                }
+                let t = tok.encode(p).unwrap();
+                assert_eq!(t.ids, want, "{how}, max_length {n}: {p:?}");
+                assert_eq!(t.dropped, len.saturating_sub(n), "{how}: {p:?}");
+            }
+            assert!(truncated > 0, "some prompt is longer than {n} tokens");
+        }
+        let batch = tok
+            .clone()
+            .with_max_length(16)
+            .encode_batch(&["a large red circle on a blue background", ""], &device())
+            .unwrap();
+        assert_eq!(batch.dims(), [2, 16]);
+    }
+}
+
 #[test]
 fn long_prompts_are_truncated_with_a_count_not_an_error() {
     let (_, tok) = clip_tokenizers().remove(0);

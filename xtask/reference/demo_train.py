@@ -8,7 +8,11 @@ trains with the recipe of `cargo xtask train-demo`'s first diffusion stage: v-pr
 noise 0.5, 10% empty captions, horizontal flips, AdamW (eps 1e-8, weight decay 0.01) with a
 linear warm-up from 1e-6·lr over 100 steps, scale_by_std on the first batch, EMA 0.995 with
 LitEma's warm-up. Data order, noise and dropout come from torch/numpy seeds, not ours, so the
-curves agree in trend, not draw for draw.
+curves agree in trend, not draw for draw. Initialisation is the reference's too: x-transformers
+draws BERT's token and position embeddings from N(0, 0.02²), where `ldm`'s (Burn's `Embedding`
+default, as torch's `nn.Embedding`) are N(0, 1). `--max-seq-len` is the config's BERT context
+(`max_seq_len`, 77 unless set). Captions are tokenized by the `tokenizers` library directly (the
+transformers 5 `BertTokenizerFast(vocab_file=...)` silently ignores the file: every word [UNK]).
 
     LDM_REFERENCE=... TAMING_REFERENCE=... python3 xtask/reference/demo_train.py \
         --data target/demo/data --first-stage target/demo/autoencoder/first_stage.safetensors \
@@ -39,6 +43,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-seq-len", type=int, default=77, help="BERTEmbedder max_seq_len (the config's)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     for var in ("LDM_REFERENCE", "TAMING_REFERENCE"):
@@ -55,7 +60,7 @@ def main():
     from ldm.modules.encoders.modules import BERTEmbedder
     from PIL import Image
     from safetensors.torch import load_file, save_file
-    from transformers import BertTokenizerFast
+    from tokenizers import BertWordPieceTokenizer
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -64,11 +69,17 @@ def main():
     unet = UNetModel(image_size=16, in_channels=3, out_channels=3, model_channels=64, attention_resolutions=[1, 2],
                      num_res_blocks=1, channel_mult=[1, 2], num_head_channels=32, use_spatial_transformer=True,
                      transformer_depth=1, context_dim=64)
-    bert = BERTEmbedder(n_embed=64, n_layer=2, use_tokenizer=False)
+    bert = BERTEmbedder(n_embed=64, n_layer=2, max_seq_len=a.max_seq_len, use_tokenizer=False)
     vocab = os.path.join(a.out + ".vocab.txt")
     with gzip.open(os.path.join(ROOT, "crates/ldm/assets/tokenizers/bert/vocab.txt.gz")) as f, open(vocab, "wb") as g:
         g.write(f.read())
-    tok = BertTokenizerFast(vocab_file=vocab, do_lower_case=True)
+    # `tokenizers` directly: transformers 5's BertTokenizerFast(vocab_file=...) ignores the file and
+    # maps every word to [UNK] without a warning (a text-blind model). Checked below.
+    tok = BertWordPieceTokenizer(vocab, lowercase=True)
+    tok.enable_truncation(a.max_seq_len)
+    tok.enable_padding(length=a.max_seq_len, pad_id=0, pad_token="[PAD]")
+    probe = tok.encode("a large red circle on a blue background").ids
+    assert probe[:5] == [101, 1037, 2312, 2417, 4418], f"BERT tokenizer broken: {probe[:10]}"
     dd = dict(double_z=True, z_channels=3, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2],
               num_res_blocks=1, attn_resolutions=[], dropout=0.0)
     ae = AutoencoderKL(ddconfig=dd, lossconfig={"target": "torch.nn.Identity"}, embed_dim=3)
@@ -101,7 +112,7 @@ def main():
                 scale = 1 / z.flatten().std().item()
                 print("scale_factor", scale)
             z = z * scale
-        ids = tok(c, truncation=True, max_length=77, padding="max_length", return_tensors="pt")["input_ids"]
+        ids = torch.tensor([e.ids for e in tok.encode_batch(c)])
         t = torch.randint(0, 1000, (b,))
         noise = torch.randn_like(z) + 0.5 * torch.randn(b, 3, 1, 1)
         sa, so = acp[t].sqrt().view(b, 1, 1, 1), (1 - acp[t]).sqrt().view(b, 1, 1, 1)

@@ -208,12 +208,25 @@ impl TextTokenizer {
         self.kind
     }
 
+    /// The same tokenizer padding/truncating to `max_length` ids instead of 77 (LDM's
+    /// `BERTEmbedder(max_seq_len=N)` tokenizes with `BERTTokenizer(max_length=N)`). Lengths under 2
+    /// (no room for the start and end tokens) are raised to 2.
+    pub fn with_max_length(mut self, max_length: usize) -> Self {
+        self.max_length = max_length.max(2);
+        self
+    }
+
+    /// The number of ids [`encode`](Self::encode) returns.
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
     /// The padding id.
     pub fn pad_id(&self) -> u32 {
         self.pad_id
     }
 
-    /// Tokenises one prompt to exactly 77 ids (CLIP prompts first get [`fix_text`], as the
+    /// Tokenises one prompt to exactly [`max_length`](Self::max_length) ids (77 unless set; CLIP prompts first get [`fix_text`], as the
     /// reference's `CLIPTokenizer` runs `ftfy.fix_text`).
     pub fn encode(&self, prompt: &str) -> Result<Tokenized> {
         let cleaned;
@@ -245,7 +258,7 @@ impl TextTokenizer {
         Ok(Tokenized { ids, dropped })
     }
 
-    /// Tokenises a batch into `[B, 77]` ids on `device`.
+    /// Tokenises a batch into `[B, max_length]` ids on `device`.
     pub fn encode_batch(
         &self,
         prompts: &[impl AsRef<str>],

@@ -769,7 +769,10 @@ impl LdmSpec {
             },
             CondStageSpec::Bert(c) => CondStage::Bert {
                 model: c.init(device),
-                tokenizer: tokenizer.unwrap_or_else(TextTokenizer::bert_builtin),
+                // BERTEmbedder(max_seq_len=N) tokenizes to N ids.
+                tokenizer: tokenizer
+                    .unwrap_or_else(TextTokenizer::bert_builtin)
+                    .with_max_length(c.max_seq_len),
             },
             CondStageSpec::Class {
                 embed_dim,

@@ -1,0 +1,134 @@
+"""Which words of the prompt does a demo-model checkpoint use? Built from the *reference* modules
+(CompVis UNetModel, BERTEmbedder, AutoencoderKL, as xtask/reference/demo_train.py) and a checkpoint
+that `ldm eval shapes --ckpt` reads (CompVis layout: the shipped f16 weights, `ldm train diffusion`'s
+model.safetensors, or demo_train.py's output).
+
+Two measurements on 128 training images (captions `a {size} {color} {shape} on a {background}
+background`):
+
+1. Denoising loss (v-prediction, the demo's SD schedule) with the right caption and with one word
+   swapped for another of its kind, at t = 100..900. A word the model uses raises the loss when it
+   is wrong; a word it ignores leaves it unchanged.
+2. How far each word's information travels through the text encoder: the change of the BERT output
+   at the word's own position and at the others when the word alone changes. The UNet's
+   cross-attention can read a word from any position it reaches.
+
+    LDM_REFERENCE=... TAMING_REFERENCE=... python3 xtask/reference/demo_probe.py \\
+        --ckpt crates/ldm/assets/demo/model.safetensors --data target/demo/data
+"""
+import argparse
+import gzip
+import os
+import random
+import sys
+import types
+
+import numpy as np
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+WORDS = {
+    "size": (2, ["small", "large"]),
+    "colour": (3, "red green blue yellow white black purple orange".split()),
+    "shape": (4, ["circle", "square", "triangle"]),
+    "background": (7, "red green blue yellow white black purple orange".split()),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--max-seq-len", type=int, default=None,
+                    help="BERTEmbedder max_seq_len (default: the checkpoint's position table)")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    for var in ("LDM_REFERENCE", "TAMING_REFERENCE"):
+        if not os.path.isdir(os.environ.get(var, "")):
+            sys.exit(f"set {var} to a checkout (see README.md, section 'Parity fixtures')")
+        sys.path.insert(0, os.environ[var])
+    for m in ("clip", "kornia"):  # imported by encoders/modules.py, unused here
+        sys.modules.setdefault(m, types.ModuleType(m))
+    import ldm.modules.diffusionmodules.model as model_py
+
+    model_py.Normalize = lambda c, num_groups=32: torch.nn.Identity()  # norm_num_groups: 0
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from ldm.modules.encoders.modules import BERTEmbedder
+    from PIL import Image
+    from safetensors.torch import load_file
+    from tokenizers import BertWordPieceTokenizer
+
+    torch.set_num_threads(a.threads)
+    sd = {k: v.float() for k, v in load_file(a.ckpt).items()}
+    part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    n = a.max_seq_len or sd["cond_stage_model.transformer.pos_emb.emb.weight"].shape[0]
+    unet = UNetModel(image_size=16, in_channels=3, out_channels=3, model_channels=64, attention_resolutions=[1, 2],
+                     num_res_blocks=1, channel_mult=[1, 2], num_head_channels=32, use_spatial_transformer=True,
+                     transformer_depth=1, context_dim=64)
+    unet.load_state_dict(part("model.diffusion_model."))
+    bert = BERTEmbedder(n_embed=64, n_layer=2, max_seq_len=n, use_tokenizer=False)
+    missing = bert.load_state_dict(part("cond_stage_model."), strict=False).missing_keys
+    assert all("to_logits" in k for k in missing), missing
+    dd = dict(double_z=True, z_channels=3, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2],
+              num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    ae = AutoencoderKL(ddconfig=dd, lossconfig={"target": "torch.nn.Identity"}, embed_dim=3)
+    ae.load_state_dict(part("first_stage_model."))
+    for m in (unet, bert, ae):
+        m.eval().requires_grad_(False)
+    scale = float(sd["scale_factor"])
+
+    vocab = os.path.join(ROOT, "target", "bert-vocab.txt")
+    os.makedirs(os.path.dirname(vocab), exist_ok=True)
+    with gzip.open(os.path.join(ROOT, "crates/ldm/assets/tokenizers/bert/vocab.txt.gz")) as f, open(vocab, "wb") as g:
+        g.write(f.read())
+    tok = BertWordPieceTokenizer(vocab, lowercase=True)
+    tok.enable_truncation(n)
+    tok.enable_padding(length=n, pad_id=0, pad_token="[PAD]")
+    ids = lambda caps: torch.tensor([e.ids for e in tok.encode_batch(list(caps))])
+    assert ids(["a large red circle"])[0, :5].tolist() == [101, 1037, 2312, 2417, 4418]
+
+    names = sorted(f[:-4] for f in os.listdir(a.data) if f.endswith(".png"))[1000:1128]
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(os.path.join(a.data, k + ".png")).convert("RGB"))
+                                   for k in names])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    caps = [open(os.path.join(a.data, k + ".txt")).read().strip() for k in names]
+    z = ae.encode(x).mode() * scale
+    rng = random.Random(0)
+
+    def swap(cap, pos, pool):
+        w = cap.split()
+        w[pos - 1] = rng.choice([p for p in pool if p != w[pos - 1]])
+        return " ".join(w)
+
+    variants = {"right caption": caps, **{f"wrong {k}": [swap(c, p, pool) for c in caps]
+                                           for k, (p, pool) in WORDS.items()}, "empty": [""] * len(caps)}
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    acp = torch.cumprod(1 - betas, 0).float()
+    g = torch.Generator().manual_seed(0)
+    print(f"{a.ckpt}: context {n} tokens\n\ndenoising loss (v) on 128 training images")
+    print("t    " + "".join(f"{k:>18}" for k in variants))
+    with torch.no_grad():
+        for t0 in (100, 300, 500, 700, 900):
+            t = torch.full((len(caps),), t0)
+            noise = torch.randn(z.shape, generator=g)
+            sa, so = acp[t].sqrt().view(-1, 1, 1, 1), (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
+            xt, target = sa * z + so * noise, sa * noise - so * z
+            row = [((unet(xt, timesteps=t, context=bert(ids(v))) - target) ** 2).mean().item()
+                   for v in variants.values()]
+            print(f"{t0:<5}" + "".join(f"{v:>18.4f}" for v in row))
+
+        base = "a large red circle on a blue background"
+        alt = {"size": "small", "colour": "green", "shape": "square", "background": "yellow"}
+        o0 = bert(ids([base]))[0]
+        print(f"\nchange of the text encoder's output when one word of {base!r} changes")
+        print(f"{'word':<20}{'own position':>14}{'other positions':>17}")
+        for k, (pos, _) in WORDS.items():
+            w = base.split()
+            w[pos - 1] = alt[k]
+            d = (bert(ids([" ".join(w)]))[0] - o0).norm(dim=-1)
+            others = torch.cat([d[:pos], d[pos + 1:]]).mean().item()
+            print(f"{k + ' -> ' + alt[k]:<20}{d[pos].item():>14.2f}{others:>17.2f}")
+
+
+if __name__ == "__main__":
+    main()
