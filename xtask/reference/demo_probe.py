@@ -3,7 +3,7 @@
 that `ldm eval shapes --ckpt` reads (CompVis layout: the shipped f16 weights, `ldm train diffusion`'s
 model.safetensors, or demo_train.py's output).
 
-Two measurements on 128 training images (captions `a {size} {color} {shape} on a {background}
+Three measurements, the first two on 128 training images (captions `a {size} {color} {shape} on a {background}
 background`):
 
 1. Denoising loss (v-prediction, the demo's SD schedule) with the right caption and with one word
@@ -12,6 +12,8 @@ background`):
 2. How far each word's information travels through the text encoder: the change of the BERT output
    at the word's own position and at the others when the word alone changes. The UNet's
    cross-attention can read a word from any position it reaches.
+3. How far apart the first stage's latents of a circle, a square and a triangle are (same colours,
+   centre and area), against their pixels: the UNet's loss only sees what the latents keep.
 
     LDM_REFERENCE=... TAMING_REFERENCE=... python3 xtask/reference/demo_probe.py \\
         --ckpt crates/ldm/assets/demo/model.safetensors --data target/demo/data
@@ -128,6 +130,40 @@ def main():
             d = (bert(ids([" ".join(w)]))[0] - o0).norm(dim=-1)
             others = torch.cat([d[:pos], d[pos + 1:]]).mean().item()
             print(f"{k + ' -> ' + alt[k]:<20}{d[pos].item():>14.2f}{others:>17.2f}")
+
+        # 3. What the first stage keeps of the shape: squared distances between the latents (scaled
+        # as the UNet sees them) of a red shape centred on blue, against those of the pixels.
+        # Shapes as `ldm data shapes` draws them: equal areas, 4x4 supersampled.
+        print("\nsquared distance between shapes of one size, latent (pixel); 'none': the background alone")
+        for size, r in (("small", 8.5), ("large", 15.5)):
+            px = {k: render(k, r) for k in ("circle", "square", "triangle", "none")}
+            px["circle x1.2"] = render("circle", 1.2 * r)
+            zs = {k: ae.encode(v).mode() * scale for k, v in px.items()}
+            d = lambda m, a, b: ((m[a] - m[b]) ** 2).sum().item()
+            pairs = [("circle", "square"), ("circle", "triangle"), ("square", "triangle"),
+                     ("circle", "circle x1.2"), ("circle", "none")]
+            print(f"{size:<6}" + "   ".join(f"{a}-{b}: {d(zs, a, b):.1f} ({d(px, a, b):.0f})" for a, b in pairs))
+
+
+def render(shape, r, fg=(220, 30, 30), bg=(30, 60, 220)):
+    """A centred shape of equal-area radius r as crates/ldm/src/demo/shapes.rs draws it, in [-1, 1]."""
+    ss = 4
+    ys, xs = np.mgrid[0:64 * ss, 0:64 * ss]
+    x, y, c = (xs + 0.5) / ss, (ys + 0.5) / ss, 32.0
+    if shape == "circle":
+        m = (x - c) ** 2 + (y - c) ** 2 <= r * r
+    elif shape == "square":
+        h = r * np.sqrt(np.pi) / 2
+        m = (abs(x - c) <= h) & (abs(y - c) <= h)
+    elif shape == "triangle":  # apex up, bounding box centred
+        s = r * np.sqrt(4 * np.pi / np.sqrt(3))
+        hx, hy = s / 2, s * np.sqrt(3) / 4
+        m = (y >= c - hy) & (y <= c + hy) & (abs(x - c) <= hx * (y - (c - hy)) / (2 * hy))
+    else:
+        m = np.zeros_like(x, dtype=bool)
+    a = m.reshape(64, ss, 64, ss).mean((1, 3))[..., None]
+    img = np.round(np.array(fg) * a + np.array(bg) * (1 - a))
+    return torch.tensor(img, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ linear warm-up from 1e-6·lr over 100 steps, scale_by_std on the first batch, EM
 LitEma's warm-up. Data order, noise and dropout come from torch/numpy seeds, not ours, so the
 curves agree in trend, not draw for draw. Initialisation is the reference's too: x-transformers
 draws BERT's token and position embeddings from N(0, 0.02²), where `ldm`'s (Burn's `Embedding`
-default, as torch's `nn.Embedding`) are N(0, 1). `--max-seq-len` is the config's BERT context
+default, as torch's `nn.Embedding`) are N(0, 1); `--embed-std 1` draws them as ours. `--max-seq-len` is the config's BERT context
 (`max_seq_len`, 77 unless set). Captions are tokenized by the `tokenizers` library directly (the
 transformers 5 `BertTokenizerFast(vocab_file=...)` silently ignores the file: every word [UNK]).
 
@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-seq-len", type=int, default=77, help="BERTEmbedder max_seq_len (the config's)")
+    ap.add_argument("--embed-std", type=float, default=None,
+                    help="std of BERT's token and position embeddings at init (x-transformers: 0.02; ldm: 1)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     for var in ("LDM_REFERENCE", "TAMING_REFERENCE"):
@@ -70,6 +72,10 @@ def main():
                      num_res_blocks=1, channel_mult=[1, 2], num_head_channels=32, use_spatial_transformer=True,
                      transformer_depth=1, context_dim=64)
     bert = BERTEmbedder(n_embed=64, n_layer=2, max_seq_len=a.max_seq_len, use_tokenizer=False)
+    if a.embed_std is not None:
+        with torch.no_grad():
+            bert.transformer.token_emb.weight.normal_(0, a.embed_std)
+            bert.transformer.pos_emb.emb.weight.normal_(0, a.embed_std)
     vocab = os.path.join(a.out + ".vocab.txt")
     with gzip.open(os.path.join(ROOT, "crates/ldm/assets/tokenizers/bert/vocab.txt.gz")) as f, open(vocab, "wb") as g:
         g.write(f.read())
