@@ -19,16 +19,16 @@ background`):
         --ckpt crates/ldm/assets/demo/model.safetensors --data target/demo/data
 """
 import argparse
-import gzip
 import os
 import random
 import sys
-import types
 
 import numpy as np
 import torch
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo_modules import ROOT, bert_ids, reference_modules  # noqa: E402
+
 WORDS = {
     "size": (2, ["small", "large"]),
     "colour": (3, "red green blue yellow white black purple orange".split()),
@@ -45,50 +45,23 @@ def main():
                     help="BERTEmbedder max_seq_len (default: the checkpoint's position table)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    for var in ("LDM_REFERENCE", "TAMING_REFERENCE"):
-        if not os.path.isdir(os.environ.get(var, "")):
-            sys.exit(f"set {var} to a checkout (see README.md, section 'Parity fixtures')")
-        sys.path.insert(0, os.environ[var])
-    for m in ("clip", "kornia"):  # imported by encoders/modules.py, unused here
-        sys.modules.setdefault(m, types.ModuleType(m))
-    import ldm.modules.diffusionmodules.model as model_py
-
-    model_py.Normalize = lambda c, num_groups=32: torch.nn.Identity()  # norm_num_groups: 0
-    from ldm.models.autoencoder import AutoencoderKL
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from ldm.modules.encoders.modules import BERTEmbedder
     from PIL import Image
     from safetensors.torch import load_file
-    from tokenizers import BertWordPieceTokenizer
 
     torch.set_num_threads(a.threads)
     sd = {k: v.float() for k, v in load_file(a.ckpt).items()}
     part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
     n = a.max_seq_len or sd["cond_stage_model.transformer.pos_emb.emb.weight"].shape[0]
-    unet = UNetModel(image_size=16, in_channels=3, out_channels=3, model_channels=64, attention_resolutions=[1, 2],
-                     num_res_blocks=1, channel_mult=[1, 2], num_head_channels=32, use_spatial_transformer=True,
-                     transformer_depth=1, context_dim=64)
+    unet, bert, ae = reference_modules(n)
     unet.load_state_dict(part("model.diffusion_model."))
-    bert = BERTEmbedder(n_embed=64, n_layer=2, max_seq_len=n, use_tokenizer=False)
     missing = bert.load_state_dict(part("cond_stage_model."), strict=False).missing_keys
     assert all("to_logits" in k for k in missing), missing
-    dd = dict(double_z=True, z_channels=3, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2],
-              num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-    ae = AutoencoderKL(ddconfig=dd, lossconfig={"target": "torch.nn.Identity"}, embed_dim=3)
     ae.load_state_dict(part("first_stage_model."))
     for m in (unet, bert, ae):
         m.eval().requires_grad_(False)
     scale = float(sd["scale_factor"])
 
-    vocab = os.path.join(ROOT, "target", "bert-vocab.txt")
-    os.makedirs(os.path.dirname(vocab), exist_ok=True)
-    with gzip.open(os.path.join(ROOT, "crates/ldm/assets/tokenizers/bert/vocab.txt.gz")) as f, open(vocab, "wb") as g:
-        g.write(f.read())
-    tok = BertWordPieceTokenizer(vocab, lowercase=True)
-    tok.enable_truncation(n)
-    tok.enable_padding(length=n, pad_id=0, pad_token="[PAD]")
-    ids = lambda caps: torch.tensor([e.ids for e in tok.encode_batch(list(caps))])
-    assert ids(["a large red circle"])[0, :5].tolist() == [101, 1037, 2312, 2417, 4418]
+    ids = bert_ids(n, os.path.join(ROOT, "target", "bert-vocab.txt"))
 
     names = sorted(f[:-4] for f in os.listdir(a.data) if f.endswith(".png"))[1000:1128]
     x = torch.from_numpy(np.stack([np.asarray(Image.open(os.path.join(a.data, k + ".png")).convert("RGB"))

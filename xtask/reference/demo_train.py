@@ -23,16 +23,15 @@ OUT.safetensors, a CompVis-layout checkpoint (EMA UNet) that `ldm eval shapes --
 """
 import argparse
 import copy
-import gzip
 import os
 import sys
 import time
-import types
 
 import numpy as np
 import torch
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo_modules import bert_ids, reference_modules  # noqa: E402
 
 
 def main():
@@ -48,47 +47,18 @@ def main():
                     help="std of BERT's token and position embeddings at init (x-transformers: 0.02; ldm: 1)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    for var in ("LDM_REFERENCE", "TAMING_REFERENCE"):
-        if not os.path.isdir(os.environ.get(var, "")):
-            sys.exit(f"set {var} to a checkout (see README.md, section 'Parity fixtures')")
-        sys.path.insert(0, os.environ[var])
-    for m in ("clip", "kornia"):  # imported by encoders/modules.py, unused here
-        sys.modules.setdefault(m, types.ModuleType(m))
-    import ldm.modules.diffusionmodules.model as model_py
-
-    model_py.Normalize = lambda c, num_groups=32: torch.nn.Identity()  # norm_num_groups: 0
-    from ldm.models.autoencoder import AutoencoderKL
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from ldm.modules.encoders.modules import BERTEmbedder
     from PIL import Image
     from safetensors.torch import load_file, save_file
-    from tokenizers import BertWordPieceTokenizer
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    # crates/ldm/assets/demo/config.yaml
-    unet = UNetModel(image_size=16, in_channels=3, out_channels=3, model_channels=64, attention_resolutions=[1, 2],
-                     num_res_blocks=1, channel_mult=[1, 2], num_head_channels=32, use_spatial_transformer=True,
-                     transformer_depth=1, context_dim=64)
-    bert = BERTEmbedder(n_embed=64, n_layer=2, max_seq_len=a.max_seq_len, use_tokenizer=False)
+    unet, bert, ae = reference_modules(a.max_seq_len)
     if a.embed_std is not None:
         with torch.no_grad():
             bert.transformer.token_emb.weight.normal_(0, a.embed_std)
             bert.transformer.pos_emb.emb.weight.normal_(0, a.embed_std)
-    vocab = os.path.join(a.out + ".vocab.txt")
-    with gzip.open(os.path.join(ROOT, "crates/ldm/assets/tokenizers/bert/vocab.txt.gz")) as f, open(vocab, "wb") as g:
-        g.write(f.read())
-    # `tokenizers` directly: transformers 5's BertTokenizerFast(vocab_file=...) ignores the file and
-    # maps every word to [UNK] without a warning (a text-blind model). Checked below.
-    tok = BertWordPieceTokenizer(vocab, lowercase=True)
-    tok.enable_truncation(a.max_seq_len)
-    tok.enable_padding(length=a.max_seq_len, pad_id=0, pad_token="[PAD]")
-    probe = tok.encode("a large red circle on a blue background").ids
-    assert probe[:5] == [101, 1037, 2312, 2417, 4418], f"BERT tokenizer broken: {probe[:10]}"
-    dd = dict(double_z=True, z_channels=3, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2],
-              num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-    ae = AutoencoderKL(ddconfig=dd, lossconfig={"target": "torch.nn.Identity"}, embed_dim=3)
+    ids_of = bert_ids(a.max_seq_len, a.out + ".vocab.txt")
     first = load_file(a.first_stage)
     ae.load_state_dict({k[len("first_stage_model."):]: v for k, v in first.items()})
     ae.eval().requires_grad_(False)
@@ -118,7 +88,7 @@ def main():
                 scale = 1 / z.flatten().std().item()
                 print("scale_factor", scale)
             z = z * scale
-        ids = torch.tensor([e.ids for e in tok.encode_batch(c)])
+        ids = ids_of(c)
         t = torch.randint(0, 1000, (b,))
         noise = torch.randn_like(z) + 0.5 * torch.randn(b, 3, 1, 1)
         sa, so = acp[t].sqrt().view(b, 1, 1, 1), (1 - acp[t]).sqrt().view(b, 1, 1, 1)
