@@ -1,5 +1,5 @@
-"""The demo model's modules from the reference code and its BERT tokenizer, shared by demo_train.py
-and demo_probe.py: CompVis UNetModel, BERTEmbedder and AutoencoderKL as crates/ldm/assets/demo/
+"""The demo model's modules from the reference code, its BERT tokenizer and noise schedule, shared
+by demo_train.py and demo_probe.py: CompVis UNetModel, BERTEmbedder and AutoencoderKL as crates/ldm/assets/demo/
 config.yaml and autoencoder.yaml configure them (`norm_num_groups: 0` = no GroupNorm, patched in as
 Identity), from checkouts of CompVis/latent-diffusion and taming-transformers named by
 LDM_REFERENCE and TAMING_REFERENCE.
@@ -57,3 +57,10 @@ def bert_ids(max_seq_len, vocab_copy):
     probe = tok.encode("a large red circle on a blue background").ids
     assert probe[:5] == [101, 1037, 2312, 2417, 4418], f"BERT tokenizer broken: {probe[:10]}"
     return lambda caps: torch.tensor([e.ids for e in tok.encode_batch(list(caps))])
+
+
+def alphas_cumprod():
+    """ᾱ_t of the demo config's schedule (LDM "linear": β from 0.00085 to 0.012 on a square-root
+    scale, 1,000 steps), float32."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()

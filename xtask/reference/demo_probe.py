@@ -3,8 +3,8 @@
 that `ldm eval shapes --ckpt` reads (CompVis layout: the shipped f16 weights, `ldm train diffusion`'s
 model.safetensors, or demo_train.py's output).
 
-Three measurements, the first two on 128 training images (captions `a {size} {color} {shape} on a {background}
-background`):
+Three measurements, the first two on 128 training images (captions `a {size} {color} {shape} on a
+{background} background`):
 
 1. Denoising loss (v-prediction, the demo's SD schedule) with the right caption and with one word
    swapped for another of its kind, at t = 100..900. A word the model uses raises the loss when it
@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_modules import ROOT, bert_ids, reference_modules  # noqa: E402
+from demo_modules import ROOT, alphas_cumprod, bert_ids, reference_modules  # noqa: E402
 
+# Each word's token position (after [CLS]; its index in the caption is one less) and its kind.
 WORDS = {
     "size": (2, ["small", "large"]),
     "colour": (3, "red green blue yellow white black purple orange".split()),
@@ -77,10 +78,9 @@ def main():
 
     variants = {"right caption": caps, **{f"wrong {k}": [swap(c, p, pool) for c in caps]
                                            for k, (p, pool) in WORDS.items()}, "empty": [""] * len(caps)}
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    acp = torch.cumprod(1 - betas, 0).float()
+    acp = alphas_cumprod()
     g = torch.Generator().manual_seed(0)
-    print(f"{a.ckpt}: context {n} tokens\n\ndenoising loss (v) on 128 training images")
+    print(f"{a.ckpt}: context {n} tokens\n\ndenoising loss (v) on {len(caps)} training images")
     print("t    " + "".join(f"{k:>18}" for k in variants))
     with torch.no_grad():
         for t0 in (100, 300, 500, 700, 900):
@@ -108,14 +108,14 @@ def main():
         # as the UNet sees them) of a red shape centred on blue, against those of the pixels.
         # Shapes as `ldm data shapes` draws them: equal areas, 4x4 supersampled.
         print("\nsquared distance between shapes of one size, latent (pixel); 'none': the background alone")
+        pairs = [("circle", "square"), ("circle", "triangle"), ("square", "triangle"),
+                 ("circle", "circle x1.2"), ("circle", "none")]
+        sq = lambda m, p, q: ((m[p] - m[q]) ** 2).sum().item()
         for size, r in (("small", 8.5), ("large", 15.5)):
             px = {k: render(k, r) for k in ("circle", "square", "triangle", "none")}
             px["circle x1.2"] = render("circle", 1.2 * r)
             zs = {k: ae.encode(v).mode() * scale for k, v in px.items()}
-            d = lambda m, a, b: ((m[a] - m[b]) ** 2).sum().item()
-            pairs = [("circle", "square"), ("circle", "triangle"), ("square", "triangle"),
-                     ("circle", "circle x1.2"), ("circle", "none")]
-            print(f"{size:<6}" + "   ".join(f"{a}-{b}: {d(zs, a, b):.1f} ({d(px, a, b):.0f})" for a, b in pairs))
+            print(f"{size:<6}" + "   ".join(f"{p}-{q}: {sq(zs, p, q):.1f} ({sq(px, p, q):.0f})" for p, q in pairs))
 
 
 def render(shape, r, fg=(220, 30, 30), bg=(30, 60, 220)):

@@ -10,9 +10,9 @@ linear warm-up from 1e-6·lr over 100 steps, scale_by_std on the first batch, EM
 LitEma's warm-up. Data order, noise and dropout come from torch/numpy seeds, not ours, so the
 curves agree in trend, not draw for draw. Initialisation is the reference's too: x-transformers
 draws BERT's token and position embeddings from N(0, 0.02²), where `ldm`'s (Burn's `Embedding`
-default, as torch's `nn.Embedding`) are N(0, 1); `--embed-std 1` draws them as ours. `--max-seq-len` is the config's BERT context
-(`max_seq_len`, 77 unless set). Captions are tokenized by the `tokenizers` library directly (the
-transformers 5 `BertTokenizerFast(vocab_file=...)` silently ignores the file: every word [UNK]).
+default, as torch's `nn.Embedding`) are N(0, 1); `--embed-std 1` draws them as ours.
+`--max-seq-len` is the config's BERT context (`max_seq_len`, 77 unless set). Captions are tokenized
+by the `tokenizers` library directly (see demo_modules.bert_ids).
 
     LDM_REFERENCE=... TAMING_REFERENCE=... python3 xtask/reference/demo_train.py \
         --data target/demo/data --first-stage target/demo/autoencoder/first_stage.safetensors \
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_modules import bert_ids, reference_modules  # noqa: E402
+from demo_modules import alphas_cumprod, bert_ids, reference_modules  # noqa: E402
 
 
 def main():
@@ -68,8 +68,7 @@ def main():
                                       for n in names])).permute(0, 3, 1, 2)
     caps = [open(os.path.join(a.data, n + ".txt")).read().strip() for n in names]
     n_data, b = len(names), a.batch
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    acp = torch.cumprod(1 - betas, 0).float()
+    acp = alphas_cumprod()
     opt = torch.optim.AdamW(list(unet.parameters()) + list(bert.parameters()), lr=a.lr, eps=1e-8, weight_decay=0.01)
     ema, n_ema, scale = copy.deepcopy(unet).requires_grad_(False), 0, None
     perm, t0, log = rng.permutation(n_data), time.time(), open(a.out + ".csv", "w")

@@ -226,8 +226,8 @@ impl TextTokenizer {
         self.pad_id
     }
 
-    /// Tokenises one prompt to exactly [`max_length`](Self::max_length) ids (77 unless set; CLIP prompts first get [`fix_text`], as the
-    /// reference's `CLIPTokenizer` runs `ftfy.fix_text`).
+    /// Tokenises one prompt to exactly [`max_length`](Self::max_length) ids (77 unless set; CLIP
+    /// prompts first get [`fix_text`], as the reference's `CLIPTokenizer` runs `ftfy.fix_text`).
     pub fn encode(&self, prompt: &str) -> Result<Tokenized> {
         let cleaned;
         let prompt = match self.kind {
