@@ -135,12 +135,21 @@ struct Recipe {
     warmup: usize,
     ema: f64,
     noise_offset: f64,
-    /// Second diffusion stage: steps of a fine-tune from the first stage's EMA weights
-    /// (`--init-from`, fresh AdamW and warm-up), its learning rate and seed (0 steps: none).
-    tune_steps: usize,
-    tune_lr: f64,
-    tune_seed: u64,
+    /// Further diffusion stages, each a fine-tune from the previous stage's EMA weights
+    /// (`--init-from`: fresh AdamW and warm-up).
+    tunes: &'static [Tune],
     eval: Vec<&'static str>,
+}
+
+/// A fine-tuning stage of the demo recipe.
+struct Tune {
+    /// What the stage is for (printed as the stage's name).
+    why: &'static str,
+    steps: usize,
+    batch: usize,
+    lr: f64,
+    warmup: usize,
+    seed: u64,
 }
 
 const FULL: Recipe = Recipe {
@@ -155,9 +164,24 @@ const FULL: Recipe = Recipe {
     warmup: 100,
     ema: 0.995,
     noise_offset: 0.5,
-    tune_steps: 1605,
-    tune_lr: 3.0e-4,
-    tune_seed: 2,
+    tunes: &[
+        Tune {
+            why: "a lower learning rate",
+            steps: 1605,
+            batch: 32,
+            lr: 3.0e-4,
+            warmup: 100,
+            seed: 2,
+        },
+        Tune {
+            why: "shapes at ±4 px jitter",
+            steps: 1060,
+            batch: 64,
+            lr: 5.0e-4,
+            warmup: 50,
+            seed: 21,
+        },
+    ],
     eval: Vec::new(),
 };
 
@@ -185,9 +209,14 @@ fn train_demo(args: &[String]) -> Result<()> {
             warmup: 1,
             ema: 0.9,
             noise_offset: 0.5,
-            tune_steps: 2,
-            tune_lr: 5.0e-4,
-            tune_seed: 1,
+            tunes: &[Tune {
+                why: "smoke",
+                steps: 2,
+                batch: 4,
+                lr: 5.0e-4,
+                warmup: 1,
+                seed: 1,
+            }],
             eval: vec!["--per-prompt", "1", "--seen", "2", "--steps", "2"],
         }
     } else {
@@ -258,23 +287,23 @@ fn train_demo(args: &[String]) -> Result<()> {
     }
     run(&mut ae)?;
 
-    // Both diffusion stages: the same flags but for the output, steps, learning rate, seed and
-    // where the weights start.
-    let diffusion = |dir: &Path, steps: usize, lr: f64, seed: u64, init: Option<&Path>| {
+    // Every diffusion stage: the same flags but for the output, steps, batch, learning rate,
+    // warm-up, seed and where the weights start.
+    let diffusion = |dir: &Path, t: &Tune, init: Option<&Path>| {
         let mut c = ldm_cmd();
         c.args(["train", "diffusion", "--size", "64", "--flip"])
-            .args(["--seed", &seed.to_string()])
+            .args(["--seed", &t.seed.to_string()])
             .arg("--config")
             .arg(assets.join("config.yaml"))
             .arg("--data")
             .arg(&data)
             .arg("--out")
             .arg(dir)
-            .args(["--batch-size", &recipe.ldm_batch.to_string()])
-            .args(["--steps-per-epoch", &steps.to_string()])
+            .args(["--batch-size", &t.batch.to_string()])
+            .args(["--steps-per-epoch", &t.steps.to_string()])
             .args(["--epochs", &recipe.ldm_epochs.to_string()])
-            .args(["--lr", &lr.to_string()])
-            .args(["--warmup", &recipe.warmup.to_string()])
+            .args(["--lr", &t.lr.to_string()])
+            .args(["--warmup", &t.warmup.to_string()])
             .args([
                 "--ema-decay",
                 &recipe.ema.to_string(),
@@ -296,17 +325,23 @@ fn train_demo(args: &[String]) -> Result<()> {
     };
     stage("latent diffusion: ldm train diffusion");
     let mut ldm_dir = out.join("diffusion");
-    diffusion(&ldm_dir, recipe.ldm_steps, recipe.ldm_lr, 0, None)?;
-    if recipe.tune_steps > 0 {
-        stage("latent diffusion, second stage: ldm train diffusion --init-from");
-        let tuned = out.join("diffusion-tuned");
-        diffusion(
-            &tuned,
-            recipe.tune_steps,
-            recipe.tune_lr,
-            recipe.tune_seed,
-            Some(&ldm_dir.join("model.safetensors")),
-        )?;
+    let first = Tune {
+        why: "from scratch",
+        steps: recipe.ldm_steps,
+        batch: recipe.ldm_batch,
+        lr: recipe.ldm_lr,
+        warmup: recipe.warmup,
+        seed: 0,
+    };
+    diffusion(&ldm_dir, &first, None)?;
+    for (i, t) in recipe.tunes.iter().enumerate() {
+        stage(&format!(
+            "latent diffusion, stage {}: ldm train diffusion --init-from ({})",
+            i + 2,
+            t.why
+        ));
+        let tuned = out.join(format!("diffusion-{}", i + 2));
+        diffusion(&tuned, t, Some(&ldm_dir.join("model.safetensors")))?;
         ldm_dir = tuned;
     }
 

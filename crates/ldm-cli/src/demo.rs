@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use ldm::burn::tensor::{Tensor, TensorData};
 use ldm::demo::shapes::{
     self, COLORS, Combo, SIZE, SizeClass, SplitMix64, classify, held_out, training_combos,
 };
@@ -85,6 +86,12 @@ pub struct EvalShapes {
     /// Also print the scores as one JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Score the first stage instead of the diffusion model: for each prompt, draw its shape as
+    /// `ldm data shapes` does (random placement from --seed), encode and decode it with the
+    /// autoencoder, and classify the reconstruction. The result bounds what sampled images can
+    /// score.
+    #[arg(long)]
+    pub reconstruct: bool,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -152,7 +159,7 @@ pub fn eval(e: Eval) -> Result<()> {
     if a.per_prompt == 0 || a.batch == 0 {
         bail!("--per-prompt and --batch must be at least 1");
     }
-    let (pipe, _device) = load(&a.model)?;
+    let (pipe, device) = load(&a.model)?;
     let size = native_size(&pipe);
     if size != SIZE {
         tracing::warn!(
@@ -179,6 +186,7 @@ pub fn eval(e: Eval) -> Result<()> {
         }
     }
     let mut noise = SeededNoise::new(a.seed);
+    let mut placement = SplitMix64::new(a.seed);
     let mut scores = [Score::default(); 2];
     let mut images: [Vec<RgbImage>; 2] = Default::default();
     let mut captions: [Vec<String>; 2] = Default::default();
@@ -186,6 +194,27 @@ pub fn eval(e: Eval) -> Result<()> {
     let pb = indicatif::ProgressBar::new(prompts.len() as u64);
     for chunk in prompts.chunks(a.batch) {
         let text: Vec<String> = chunk.iter().map(|(_, c, s)| c.caption(*s)).collect();
+        if a.reconstruct {
+            let mut pixels: Vec<f32> = Vec::with_capacity(chunk.len() * SIZE * SIZE * 3);
+            for (_, combo, size) in chunk {
+                let spec = shapes::spec_for(*combo, *size, &mut placement);
+                pixels.extend(
+                    shapes::render(&spec)
+                        .into_iter()
+                        .map(|v| 2.0 * (v as f32 / 255.0) - 1.0),
+                );
+            }
+            let x = Tensor::<4>::from_data(
+                TensorData::new(pixels, [chunk.len(), SIZE, SIZE, 3]),
+                &device,
+            )
+            .permute([0, 3, 1, 2]);
+            let z = pipe.model.encode_image(x, &mut noise)?;
+            let batch = output::to_images(pipe.model.decode_latents(z));
+            score_batch(chunk, batch, text, &mut scores, &mut images, &mut captions);
+            pb.inc(chunk.len() as u64);
+            continue;
+        }
         let cond = pipe.model.text_conditioning(&text)?;
         let uncond = (a.scale != 1.0)
             .then(|| {
@@ -204,43 +233,20 @@ pub fn eval(e: Eval) -> Result<()> {
         };
         let z = pipe.model.sample_latents(&request, &mut noise, None)?;
         let batch = output::to_images(pipe.model.decode_latents(z));
-        for ((group, combo, size), (img, caption)) in chunk.iter().zip(batch.into_iter().zip(text))
-        {
-            let got = classify(&img.data, img.width, img.height);
-            let sc = &mut scores[*group];
-            sc.n += 1;
-            let ok_color = got.color == Some(combo.color);
-            let ok_bg = got.background == combo.background;
-            let ok_shape = got.shape == Some(combo.shape);
-            let ok_size = got.size == Some(*size);
-            sc.color += ok_color as usize;
-            sc.background += ok_bg as usize;
-            sc.shape += ok_shape as usize;
-            sc.size += ok_size as usize;
-            sc.all += (ok_color && ok_bg && ok_shape && ok_size) as usize;
-            tracing::debug!(
-                "{caption}: background {}, colour {:?}, shape {:?}, size {:?} (fill {:.2}, area {})",
-                COLORS[got.background].0,
-                got.color.map(|c| COLORS[c].0),
-                got.shape.map(|s| s.name()),
-                got.size.map(|s| s.name()),
-                got.fill_ratio,
-                got.area
-            );
-            images[*group].push(img);
-            captions[*group].push(caption);
-        }
+        score_batch(chunk, batch, text, &mut scores, &mut images, &mut captions);
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
     let secs = t.elapsed().as_secs_f64();
     println!(
-        "ldm eval shapes — {} ({}), {} {} steps, scale {}, seed {}, {} images in {secs:.1}s",
+        "ldm eval shapes — {} ({}), {}, seed {}, {} images in {secs:.1}s",
         pipe.name,
         pipe.source.display(),
-        a.sampler,
-        a.steps,
-        a.scale,
+        if a.reconstruct {
+            "first-stage reconstructions of rendered shapes".to_string()
+        } else {
+            format!("{} {} steps, scale {}", a.sampler, a.steps, a.scale)
+        },
         a.seed,
         prompts.len()
     );
@@ -285,4 +291,41 @@ pub fn eval(e: Eval) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Classify a batch of images against their prompts, adding to the group scores and keeping the
+/// images for the grids.
+fn score_batch(
+    chunk: &[(usize, Combo, SizeClass)],
+    batch: Vec<RgbImage>,
+    text: Vec<String>,
+    scores: &mut [Score; 2],
+    images: &mut [Vec<RgbImage>; 2],
+    captions: &mut [Vec<String>; 2],
+) {
+    for ((group, combo, size), (img, caption)) in chunk.iter().zip(batch.into_iter().zip(text)) {
+        let got = classify(&img.data, img.width, img.height);
+        let sc = &mut scores[*group];
+        sc.n += 1;
+        let ok_color = got.color == Some(combo.color);
+        let ok_bg = got.background == combo.background;
+        let ok_shape = got.shape == Some(combo.shape);
+        let ok_size = got.size == Some(*size);
+        sc.color += ok_color as usize;
+        sc.background += ok_bg as usize;
+        sc.shape += ok_shape as usize;
+        sc.size += ok_size as usize;
+        sc.all += (ok_color && ok_bg && ok_shape && ok_size) as usize;
+        tracing::debug!(
+            "{caption}: background {}, colour {:?}, shape {:?}, size {:?} (fill {:.2}, area {})",
+            COLORS[got.background].0,
+            got.color.map(|c| COLORS[c].0),
+            got.shape.map(|s| s.name()),
+            got.size.map(|s| s.name()),
+            got.fill_ratio,
+            got.area
+        );
+        images[*group].push(img);
+        captions[*group].push(caption);
+    }
 }

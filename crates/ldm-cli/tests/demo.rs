@@ -169,3 +169,37 @@ fn eval_shapes_scores_held_out_and_seen_prompts() {
     }
     assert!(dir.join("held-out.png").is_file() && dir.join("seen.png").is_file());
 }
+
+#[test]
+fn eval_shapes_reconstruct_scores_the_first_stage() {
+    let out = ldm()
+        .args([
+            "eval",
+            "shapes",
+            "--reconstruct",
+            "--per-prompt",
+            "1",
+            "--seen",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("first-stage reconstructions"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["held_out"]["n"], 34);
+    assert_eq!(v["seen"]["n"], 4);
+    // Flat backgrounds survive any working autoencoder (the shipped one keeps all of them): a
+    // wrong pixel layout or scaling on the way in or out would not.
+    let bg = v["held_out"]["background"].as_f64().unwrap();
+    assert!(
+        bg >= 90.0,
+        "background kept in {bg}% of reconstructions\n{stdout}"
+    );
+}
