@@ -135,30 +135,23 @@ fn data_shapes_writes_captioned_images_the_classifier_reads_back() {
 #[test]
 fn eval_shapes_scores_held_out_and_seen_prompts() {
     let dir = temp_dir("demo-eval");
-    let out = ldm()
-        .args([
-            "eval",
-            "shapes",
-            "--per-prompt",
-            "1",
-            "--seen",
-            "2",
-            "--steps",
-            "10",
-            "--json",
-        ])
-        .arg("--outdir")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = eval_json(
+        ldm()
+            .args([
+                "eval",
+                "shapes",
+                "--per-prompt",
+                "1",
+                "--seen",
+                "2",
+                "--steps",
+                "10",
+                "--json",
+            ])
+            .arg("--outdir")
+            .arg(&dir),
     );
-    let json = stdout.lines().last().unwrap();
-    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(v["held_out"]["n"], 34);
     assert_eq!(v["seen"]["n"], 4);
     for group in ["held_out", "seen"] {
@@ -172,25 +165,16 @@ fn eval_shapes_scores_held_out_and_seen_prompts() {
 
 #[test]
 fn eval_shapes_reconstruct_scores_the_first_stage() {
-    let out = ldm()
-        .args([
-            "eval",
-            "shapes",
-            "--reconstruct",
-            "--per-prompt",
-            "1",
-            "--seen",
-            "2",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = eval_json(ldm().args([
+        "eval",
+        "shapes",
+        "--reconstruct",
+        "--per-prompt",
+        "1",
+        "--seen",
+        "2",
+        "--json",
+    ]));
     assert!(stdout.contains("first-stage reconstructions"), "{stdout}");
     let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(v["held_out"]["n"], 34);
@@ -202,4 +186,16 @@ fn eval_shapes_reconstruct_scores_the_first_stage() {
         bg >= 90.0,
         "background kept in {bg}% of reconstructions\n{stdout}"
     );
+}
+
+/// Runs an `ldm eval` command, asserting success; its stdout.
+fn eval_json(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
