@@ -194,7 +194,8 @@ pub fn eval(e: Eval) -> Result<()> {
     let pb = indicatif::ProgressBar::new(prompts.len() as u64);
     for chunk in prompts.chunks(a.batch) {
         let text: Vec<String> = chunk.iter().map(|(_, c, s)| c.caption(*s)).collect();
-        if a.reconstruct {
+        // Reconstructions of rendered shapes, or samples from the prompts.
+        let z = if a.reconstruct {
             let mut pixels: Vec<f32> = Vec::with_capacity(chunk.len() * SIZE * SIZE * 3);
             for (_, combo, size) in chunk {
                 let spec = shapes::spec_for(*combo, *size, &mut placement);
@@ -209,29 +210,26 @@ pub fn eval(e: Eval) -> Result<()> {
                 &device,
             )
             .permute([0, 3, 1, 2]);
-            let z = pipe.model.encode_image(x, &mut noise)?;
-            let batch = output::to_images(pipe.model.decode_latents(z));
-            score_batch(chunk, batch, text, &mut scores, &mut images, &mut captions);
-            pb.inc(chunk.len() as u64);
-            continue;
-        }
-        let cond = pipe.model.text_conditioning(&text)?;
-        let uncond = (a.scale != 1.0)
-            .then(|| {
-                pipe.model
-                    .text_conditioning(&vec![String::new(); text.len()])
-            })
-            .transpose()?;
-        let mut sampler = pipe.sampler(a.sampler, a.steps);
-        sampler.eta = a.eta;
-        let request = SamplingRequest {
-            uncond,
-            guidance_scale: a.scale,
-            guidance_rescale: a.guidance_rescale,
-            sampler,
-            ..SamplingRequest::new(cond, pipe.model.latent_shape(text.len(), SIZE, SIZE)?)
+            pipe.model.encode_image(x, &mut noise)?
+        } else {
+            let cond = pipe.model.text_conditioning(&text)?;
+            let uncond = (a.scale != 1.0)
+                .then(|| {
+                    pipe.model
+                        .text_conditioning(&vec![String::new(); text.len()])
+                })
+                .transpose()?;
+            let mut sampler = pipe.sampler(a.sampler, a.steps);
+            sampler.eta = a.eta;
+            let request = SamplingRequest {
+                uncond,
+                guidance_scale: a.scale,
+                guidance_rescale: a.guidance_rescale,
+                sampler,
+                ..SamplingRequest::new(cond, pipe.model.latent_shape(text.len(), SIZE, SIZE)?)
+            };
+            pipe.model.sample_latents(&request, &mut noise, None)?
         };
-        let z = pipe.model.sample_latents(&request, &mut noise, None)?;
         let batch = output::to_images(pipe.model.decode_latents(z));
         score_batch(chunk, batch, text, &mut scores, &mut images, &mut captions);
         pb.inc(chunk.len() as u64);
