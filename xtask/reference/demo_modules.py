@@ -1,5 +1,5 @@
 """The demo model's modules from the reference code, its BERT tokenizer and noise schedule, shared
-by demo_train.py and demo_probe.py: CompVis UNetModel, BERTEmbedder and AutoencoderKL as crates/ldm/assets/demo/
+by demo_train.py, demo_probe.py and demo_optimal.py: CompVis UNetModel, BERTEmbedder and AutoencoderKL as crates/ldm/assets/demo/
 config.yaml and autoencoder.yaml configure them (`norm_num_groups: 0` = no GroupNorm, patched in as
 Identity), from checkouts of CompVis/latent-diffusion and taming-transformers named by
 LDM_REFERENCE and TAMING_REFERENCE.
@@ -37,6 +37,26 @@ def reference_modules(max_seq_len):
               num_res_blocks=1, attn_resolutions=[], dropout=0.0)
     ae = AutoencoderKL(ddconfig=dd, lossconfig={"target": "torch.nn.Identity"}, embed_dim=3)
     return unet, bert, ae
+
+
+def load_checkpoint(path, max_seq_len=None):
+    """(unet, bert, autoencoder, scale_factor, context length) of a CompVis-layout demo checkpoint
+    (the shipped f16 weights, `ldm train diffusion`'s model.safetensors, demo_train.py's output),
+    the modules in eval mode and frozen. The context length is the checkpoint's position table
+    unless `max_seq_len` is given."""
+    from safetensors.torch import load_file
+
+    sd = {k: v.float() for k, v in load_file(path).items()}
+    part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    n = max_seq_len or sd["cond_stage_model.transformer.pos_emb.emb.weight"].shape[0]
+    unet, bert, ae = reference_modules(n)
+    unet.load_state_dict(part("model.diffusion_model."))
+    missing = bert.load_state_dict(part("cond_stage_model."), strict=False).missing_keys
+    assert all("to_logits" in k for k in missing), missing
+    ae.load_state_dict(part("first_stage_model."))
+    for m in (unet, bert, ae):
+        m.eval().requires_grad_(False)
+    return unet, bert, ae, float(sd["scale_factor"]), n
 
 
 def bert_ids(max_seq_len, vocab_copy):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_modules import reference_modules  # noqa: E402
+from demo_modules import load_checkpoint  # noqa: E402
 
 # ᾱ of the demo's SD schedule at t = 500, 700, 900, 999, and two noisier levels (an LDM schedule's
 # end, β 0.0015 → 0.0195, and beyond).
@@ -41,16 +41,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     from PIL import Image
-    from safetensors.torch import load_file
 
     torch.set_num_threads(a.threads)
-    sd = {k: v.float() for k, v in load_file(a.ckpt).items()}
-    n_ctx = sd["cond_stage_model.transformer.pos_emb.emb.weight"].shape[0]
-    _, _, ae = reference_modules(n_ctx)
-    ae.load_state_dict({k[len("first_stage_model."):]: v for k, v in sd.items()
-                        if k.startswith("first_stage_model.")})
-    ae.eval()
-    scale = float(sd["scale_factor"])
+    _, _, ae, scale, _ = load_checkpoint(a.ckpt)
 
     names = sorted(f[:-4] for f in os.listdir(a.data) if f.endswith(".png"))[:a.images]
     caps = [open(os.path.join(a.data, k + ".txt")).read().strip() for k in names]

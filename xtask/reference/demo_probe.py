@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_modules import ROOT, alphas_cumprod, bert_ids, reference_modules  # noqa: E402
+from demo_modules import ROOT, alphas_cumprod, bert_ids, load_checkpoint  # noqa: E402
 
 # Each word's token position (after [CLS]; its index in the caption is one less) and its kind.
 WORDS = {
@@ -47,20 +47,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     from PIL import Image
-    from safetensors.torch import load_file
 
     torch.set_num_threads(a.threads)
-    sd = {k: v.float() for k, v in load_file(a.ckpt).items()}
-    part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
-    n = a.max_seq_len or sd["cond_stage_model.transformer.pos_emb.emb.weight"].shape[0]
-    unet, bert, ae = reference_modules(n)
-    unet.load_state_dict(part("model.diffusion_model."))
-    missing = bert.load_state_dict(part("cond_stage_model."), strict=False).missing_keys
-    assert all("to_logits" in k for k in missing), missing
-    ae.load_state_dict(part("first_stage_model."))
-    for m in (unet, bert, ae):
-        m.eval().requires_grad_(False)
-    scale = float(sd["scale_factor"])
+    unet, bert, ae, scale, n = load_checkpoint(a.ckpt, a.max_seq_len)
 
     ids = bert_ids(n, os.path.join(ROOT, "target", "bert-vocab.txt"))
 

@@ -128,21 +128,17 @@ struct Recipe {
     ae_batch: usize,
     ae_steps: usize,
     ae_lr: f64,
-    ldm_batch: usize,
-    ldm_steps: usize,
     ldm_epochs: usize,
-    ldm_lr: f64,
-    warmup: usize,
     ema: f64,
     noise_offset: f64,
-    /// Further diffusion stages, each a fine-tune from the previous stage's EMA weights
-    /// (`--init-from`: fresh AdamW and warm-up).
-    tunes: &'static [Tune],
+    /// The diffusion stages: the first from scratch on the trained first stage, each further one
+    /// a fine-tune from the previous stage's EMA weights (`--init-from`: fresh AdamW and warm-up).
+    stages: &'static [Stage],
     eval: Vec<&'static str>,
 }
 
-/// A fine-tuning stage of the demo recipe.
-struct Tune {
+/// A diffusion training stage of the demo recipe.
+struct Stage {
     /// What the stage is for (printed as the stage's name).
     why: &'static str,
     steps: usize,
@@ -157,15 +153,19 @@ const FULL: Recipe = Recipe {
     ae_batch: 8,
     ae_steps: 900,
     ae_lr: 1.0e-3,
-    ldm_batch: 32,
-    ldm_steps: 1300,
     ldm_epochs: 1,
-    ldm_lr: 1.0e-3,
-    warmup: 100,
     ema: 0.995,
     noise_offset: 0.5,
-    tunes: &[
-        Tune {
+    stages: &[
+        Stage {
+            why: "from scratch",
+            steps: 1300,
+            batch: 32,
+            lr: 1.0e-3,
+            warmup: 100,
+            seed: 0,
+        },
+        Stage {
             why: "a lower learning rate",
             steps: 1605,
             batch: 32,
@@ -173,7 +173,7 @@ const FULL: Recipe = Recipe {
             warmup: 100,
             seed: 2,
         },
-        Tune {
+        Stage {
             why: "shapes at ±4 px jitter",
             steps: 1060,
             batch: 64,
@@ -202,21 +202,27 @@ fn train_demo(args: &[String]) -> Result<()> {
             ae_batch: 4,
             ae_steps: 3,
             ae_lr: 4.0e-4,
-            ldm_batch: 4,
-            ldm_steps: 3,
             ldm_epochs: 1,
-            ldm_lr: 5.0e-4,
-            warmup: 1,
             ema: 0.9,
             noise_offset: 0.5,
-            tunes: &[Tune {
-                why: "smoke",
-                steps: 2,
-                batch: 4,
-                lr: 5.0e-4,
-                warmup: 1,
-                seed: 1,
-            }],
+            stages: &[
+                Stage {
+                    why: "from scratch",
+                    steps: 3,
+                    batch: 4,
+                    lr: 5.0e-4,
+                    warmup: 1,
+                    seed: 0,
+                },
+                Stage {
+                    why: "smoke fine-tune",
+                    steps: 2,
+                    batch: 4,
+                    lr: 5.0e-4,
+                    warmup: 1,
+                    seed: 1,
+                },
+            ],
             eval: vec!["--per-prompt", "1", "--seen", "2", "--steps", "2"],
         }
     } else {
@@ -289,7 +295,7 @@ fn train_demo(args: &[String]) -> Result<()> {
 
     // Every diffusion stage: the same flags but for the output, steps, batch, learning rate,
     // warm-up, seed and where the weights start.
-    let diffusion = |dir: &Path, t: &Tune, init: Option<&Path>| {
+    let diffusion = |dir: &Path, t: &Stage, init: Option<&Path>| {
         let mut c = ldm_cmd();
         c.args(["train", "diffusion", "--size", "64", "--flip"])
             .args(["--seed", &t.seed.to_string()])
@@ -323,27 +329,20 @@ fn train_demo(args: &[String]) -> Result<()> {
         };
         run(&mut c)
     };
-    stage("latent diffusion: ldm train diffusion");
-    let mut ldm_dir = out.join("diffusion");
-    let first = Tune {
-        why: "from scratch",
-        steps: recipe.ldm_steps,
-        batch: recipe.ldm_batch,
-        lr: recipe.ldm_lr,
-        warmup: recipe.warmup,
-        seed: 0,
-    };
-    diffusion(&ldm_dir, &first, None)?;
-    for (i, t) in recipe.tunes.iter().enumerate() {
+    // Each stage starts from the previous one's weights; the first from scratch.
+    let mut ldm_dir: Option<PathBuf> = None;
+    for (i, t) in recipe.stages.iter().enumerate() {
         stage(&format!(
-            "latent diffusion, stage {}: ldm train diffusion --init-from ({})",
-            i + 2,
+            "latent diffusion, stage {}: ldm train diffusion ({})",
+            i + 1,
             t.why
         ));
-        let tuned = out.join(format!("diffusion-{}", i + 2));
-        diffusion(&tuned, t, Some(&ldm_dir.join("model.safetensors")))?;
-        ldm_dir = tuned;
+        let dir = out.join(format!("diffusion-{}", i + 1));
+        let init = ldm_dir.as_ref().map(|d| d.join("model.safetensors"));
+        diffusion(&dir, t, init.as_deref())?;
+        ldm_dir = Some(dir);
     }
+    let ldm_dir = ldm_dir.context("the recipe has no diffusion stage")?;
 
     stage("f16 weights");
     let weights = if smoke {

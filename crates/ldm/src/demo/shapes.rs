@@ -204,11 +204,11 @@ pub fn sample_spec(combos: &[Combo], seed: u64, index: u64) -> ShapeSpec {
 /// How far (pixels) a shape's centre moves from the image centre, at most, along each axis.
 ///
 /// Small on purpose. With the centre anywhere the shape fits (up to ±20 px, this dataset's first
-/// placement rule), the denoising loss barely rewards knowing the shape word: the best possible denoiser
-/// given the caption predicts a blob smeared over the positions, and knowing circle vs square vs
-/// triangle lowers its loss by 4–5% at high noise (measured with the nonparametric optimal denoiser
-/// over the 20,000 training latents, README "The demo model"), against 30–40% at ±4 px. A model
-/// trained on the wide placements ignored the shape word entirely.
+/// placement rule), the denoising loss barely rewards knowing the shape word: the best possible
+/// denoiser given the caption predicts a blob smeared over the positions, and knowing circle vs
+/// square vs triangle lowers its loss by 4–5% at high noise (the optimal denoiser over the 20,000
+/// training latents, `xtask/reference/demo_optimal.py`), against 33–43% at ±4 px. A model trained
+/// on the wide placements ignored the shape word entirely.
 pub const JITTER: f64 = 4.0;
 
 /// Least distance (pixels) between a shape's bounding box and the image edge.
