@@ -145,6 +145,18 @@ struct Stage {
     batch: usize,
     lr: f64,
     warmup: usize,
+    /// A half-cosine decay to 0 at the last step after the warm-up (else constant).
+    cosine: bool,
+    seed: u64,
+    /// Fine-tune the first stage first (`ldm train autoencoder --init-from` the current one), and
+    /// train this stage on its latents (`--first-stage`, with a freshly measured scale_factor).
+    first_stage: Option<FirstStageTune>,
+}
+
+/// A first-stage fine-tune between diffusion stages (batch and loss as the first stage's run).
+struct FirstStageTune {
+    steps: usize,
+    lr: f64,
     seed: u64,
 }
 
@@ -163,7 +175,9 @@ const FULL: Recipe = Recipe {
             batch: 32,
             lr: 1.0e-3,
             warmup: 100,
+            cosine: false,
             seed: 0,
+            first_stage: None,
         },
         Stage {
             why: "a lower learning rate",
@@ -171,7 +185,9 @@ const FULL: Recipe = Recipe {
             batch: 32,
             lr: 3.0e-4,
             warmup: 100,
+            cosine: false,
             seed: 2,
+            first_stage: None,
         },
         Stage {
             why: "shapes at ±4 px jitter",
@@ -179,7 +195,23 @@ const FULL: Recipe = Recipe {
             batch: 64,
             lr: 5.0e-4,
             warmup: 50,
+            cosine: false,
             seed: 21,
+            first_stage: None,
+        },
+        Stage {
+            why: "a sharper first stage: small triangles and squares stop decoding as blobs",
+            steps: 1750,
+            batch: 64,
+            lr: 5.0e-4,
+            warmup: 50,
+            cosine: true,
+            seed: 31,
+            first_stage: Some(FirstStageTune {
+                steps: 800,
+                lr: 5.0e-4,
+                seed: 3,
+            }),
         },
     ],
     eval: Vec::new(),
@@ -212,15 +244,23 @@ fn train_demo(args: &[String]) -> Result<()> {
                     batch: 4,
                     lr: 5.0e-4,
                     warmup: 1,
+                    cosine: false,
                     seed: 0,
+                    first_stage: None,
                 },
                 Stage {
-                    why: "smoke fine-tune",
+                    why: "smoke fine-tune on a fine-tuned first stage",
                     steps: 2,
                     batch: 4,
                     lr: 5.0e-4,
                     warmup: 1,
+                    cosine: true,
                     seed: 1,
+                    first_stage: Some(FirstStageTune {
+                        steps: 2,
+                        lr: 4.0e-4,
+                        seed: 1,
+                    }),
                 },
             ],
             eval: vec!["--per-prompt", "1", "--seen", "2", "--steps", "2"],
@@ -266,36 +306,42 @@ fn train_demo(args: &[String]) -> Result<()> {
         .arg("--out")
         .arg(&data))?;
 
+    // The first stage's run and its fine-tunes: the same flags but for the output, steps,
+    // learning rate, seed and where the weights start.
+    let autoencoder = |dir: &Path, steps: usize, lr: f64, seed: u64, init: Option<&Path>| {
+        let mut c = ldm_cmd();
+        c.args(["train", "autoencoder", "--size", "64", "--epochs", "1"])
+            .args(["--seed", &seed.to_string()])
+            .arg("--config")
+            .arg(assets.join("autoencoder.yaml"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(dir)
+            .args(["--batch-size", &recipe.ae_batch.to_string()])
+            .args(["--steps-per-epoch", &steps.to_string()])
+            .args(["--lr", &lr.to_string(), "--device", &device]);
+        if let (Some(v), Some(l)) = (&vgg, &lin) {
+            c.args(["--lpips-vgg", v, "--lpips-lin", l]);
+        }
+        if let Some(init) = init {
+            c.arg("--init-from").arg(init);
+        }
+        run(&mut c)?;
+        Ok::<_, anyhow::Error>(dir.join("first_stage.safetensors"))
+    };
     stage("first stage: ldm train autoencoder");
-    let ae_dir = out.join("autoencoder");
-    let mut ae = ldm_cmd();
-    ae.args([
-        "train",
-        "autoencoder",
-        "--size",
-        "64",
-        "--seed",
-        "0",
-        "--epochs",
-        "1",
-    ])
-    .arg("--config")
-    .arg(assets.join("autoencoder.yaml"))
-    .arg("--data")
-    .arg(&data)
-    .arg("--out")
-    .arg(&ae_dir)
-    .args(["--batch-size", &recipe.ae_batch.to_string()])
-    .args(["--steps-per-epoch", &recipe.ae_steps.to_string()])
-    .args(["--lr", &recipe.ae_lr.to_string(), "--device", &device]);
-    if let (Some(v), Some(l)) = (&vgg, &lin) {
-        ae.args(["--lpips-vgg", v, "--lpips-lin", l]);
-    }
-    run(&mut ae)?;
+    let mut first_stage = autoencoder(
+        &out.join("autoencoder"),
+        recipe.ae_steps,
+        recipe.ae_lr,
+        0,
+        None,
+    )?;
 
     // Every diffusion stage: the same flags but for the output, steps, batch, learning rate,
     // warm-up, seed and where the weights start.
-    let diffusion = |dir: &Path, t: &Stage, init: Option<&Path>| {
+    let diffusion = |dir: &Path, t: &Stage, init: Option<&Path>, first_stage: Option<&Path>| {
         let mut c = ldm_cmd();
         c.args(["train", "diffusion", "--size", "64", "--flip"])
             .args(["--seed", &t.seed.to_string()])
@@ -311,6 +357,10 @@ fn train_demo(args: &[String]) -> Result<()> {
             .args(["--lr", &t.lr.to_string()])
             .args(["--warmup", &t.warmup.to_string()])
             .args([
+                "--lr-scheduler",
+                if t.cosine { "cosine" } else { "constant" },
+            ])
+            .args([
                 "--ema-decay",
                 &recipe.ema.to_string(),
                 "--ucg",
@@ -320,18 +370,33 @@ fn train_demo(args: &[String]) -> Result<()> {
                 "--device",
                 &device,
             ]);
-        // The first stage comes from --init-from's checkpoint when there is one.
-        match init {
-            Some(init) => c.arg("--init-from").arg(init),
-            None => c
-                .arg("--first-stage")
-                .arg(ae_dir.join("first_stage.safetensors")),
-        };
+        if let Some(init) = init {
+            c.arg("--init-from").arg(init);
+        }
+        // Without --init-from the first stage must be given; with it, only a new one is.
+        if let Some(fs) = first_stage {
+            c.arg("--first-stage").arg(fs);
+        }
         run(&mut c)
     };
     // Each stage starts from the previous one's weights; the first from scratch.
     let mut ldm_dir: Option<PathBuf> = None;
     for (i, t) in recipe.stages.iter().enumerate() {
+        let mut new_first_stage = ldm_dir.is_none().then(|| first_stage.clone());
+        if let Some(tune) = &t.first_stage {
+            stage(&format!(
+                "first stage, fine-tune before diffusion stage {}: ldm train autoencoder --init-from",
+                i + 1
+            ));
+            first_stage = autoencoder(
+                &out.join(format!("autoencoder-{}", i + 1)),
+                tune.steps,
+                tune.lr,
+                tune.seed,
+                Some(&first_stage),
+            )?;
+            new_first_stage = Some(first_stage.clone());
+        }
         stage(&format!(
             "latent diffusion, stage {}: ldm train diffusion ({})",
             i + 1,
@@ -339,7 +404,7 @@ fn train_demo(args: &[String]) -> Result<()> {
         ));
         let dir = out.join(format!("diffusion-{}", i + 1));
         let init = ldm_dir.as_ref().map(|d| d.join("model.safetensors"));
-        diffusion(&dir, t, init.as_deref())?;
+        diffusion(&dir, t, init.as_deref(), new_first_stage.as_deref())?;
         ldm_dir = Some(dir);
     }
     let ldm_dir = ldm_dir.context("the recipe has no diffusion stage")?;

@@ -89,6 +89,11 @@ pub struct TrainAe {
     /// Write input/reconstruction grids every N steps (0: never).
     #[arg(long, default_value_t = 0)]
     pub sample_every: usize,
+    /// Fine-tune from these weights: a first stage (`first_stage.safetensors`, CompVis layout) or
+    /// a full LDM checkpoint (its `first_stage_model.*`). The discriminator starts fresh, and
+    /// disc_start counts from this run's first step.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -102,7 +107,9 @@ pub struct TrainLdm {
     /// Fine-tune from a full CompVis/SD checkpoint.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
-    /// The first stage's checkpoint (else the config's first_stage_config.ckpt_path).
+    /// The first stage's checkpoint (else the config's first_stage_config.ckpt_path). With
+    /// --init-from it replaces the checkpoint's first stage (and scale_by_std measures a new
+    /// scale_factor): the UNet then adapts to the new latents.
     #[arg(long)]
     pub first_stage: Option<PathBuf>,
     /// Warm-up steps (linear from 1e-6 · lr).
@@ -223,10 +230,30 @@ fn autoencoder(a: TrainAe) -> Result<()> {
         let r = loss.perceptual_loss.load_weights(&[vgg, lin])?;
         tracing::info!("{r}");
     }
+    let init = a
+        .init_from
+        .as_ref()
+        .map(|p| StateDict::open(p).with_context(|| format!("--init-from {}", p.display())))
+        .transpose()?;
     let ae = match spec {
-        FirstStageSpec::Kl(cfg) => FirstStageNet::Kl(cfg.init(&device)),
-        FirstStageSpec::Vq(cfg) => FirstStageNet::Vq(cfg.init(&device)),
+        FirstStageSpec::Kl(cfg) => {
+            let mut ae = cfg.init(&device);
+            if let Some(sd) = &init {
+                ae.load_weights(sd)?;
+            }
+            FirstStageNet::Kl(ae)
+        }
+        FirstStageSpec::Vq(cfg) => {
+            let mut ae = cfg.init(&device);
+            if let Some(sd) = &init {
+                ae.load_weights(sd)?;
+            }
+            FirstStageNet::Vq(ae)
+        }
     };
+    if let Some(p) = &a.init_from {
+        eprintln!("fine-tuning the first stage of {}", p.display());
+    }
     let lr = a
         .common
         .lr
@@ -272,33 +299,35 @@ fn diffusion(a: TrainLdm) -> Result<()> {
     let devs = devices(&c.device)?;
     let device = devs[0].clone();
     let spec = LdmSpec::from_yaml_file(&a.config)?;
-    let model = match &a.init_from {
+    let mut model = match &a.init_from {
         Some(init) => {
             let sd = StateDict::open(init)?;
             spec.load(&sd, None, &CheckpointOptions::default(), &device)?
                 .0
         }
-        None => {
-            let mut m = spec.build_uninit(&device)?;
-            let fs = a.first_stage.clone().or(spec.first_stage_ckpt.clone());
-            match fs {
-                Some(path) => {
-                    let sd = StateDict::open(&path)
-                        .with_context(|| format!("first stage {}", path.display()))?;
-                    let r = match &mut m.first_stage {
-                        ldm::pipelines::FirstStage::Kl(ae) => ae.load_weights(&sd)?,
-                        ldm::pipelines::FirstStage::Vq(ae) => ae.load_weights(&sd)?,
-                        ldm::pipelines::FirstStage::Identity => bail!("no first stage"),
-                    };
-                    tracing::info!("{r}");
-                }
-                None => tracing::warn!(
-                    "no first-stage weights (--first-stage or first_stage_config.params.ckpt_path): the autoencoder is RANDOM"
-                ),
-            }
-            m
-        }
+        None => spec.build_uninit(&device)?,
     };
+    // A fine-tune keeps its checkpoint's first stage unless --first-stage replaces it.
+    let fs = match &a.init_from {
+        Some(_) => a.first_stage.clone(),
+        None => a.first_stage.clone().or(spec.first_stage_ckpt.clone()),
+    };
+    match fs {
+        Some(path) => {
+            let sd = StateDict::open(&path)
+                .with_context(|| format!("first stage {}", path.display()))?;
+            // load_weights logs what it loaded.
+            match &mut model.first_stage {
+                ldm::pipelines::FirstStage::Kl(ae) => ae.load_weights(&sd)?,
+                ldm::pipelines::FirstStage::Vq(ae) => ae.load_weights(&sd)?,
+                ldm::pipelines::FirstStage::Identity => bail!("no first stage"),
+            };
+        }
+        None if a.init_from.is_none() => tracing::warn!(
+            "no first-stage weights (--first-stage or first_stage_config.params.ckpt_path): the autoencoder is RANDOM"
+        ),
+        None => {}
+    }
     let lr = a
         .common
         .lr
@@ -325,8 +354,8 @@ fn diffusion(a: TrainLdm) -> Result<()> {
     let data = folder(c)?;
     std::fs::create_dir_all(&c.out)?;
     // As the reference's `restarted_from_ckpt`: a fine-tune keeps its checkpoint's scale_factor
-    // instead of measuring a new one on the first batch.
-    let scale_by_std = spec.scale_by_std && a.init_from.is_none();
+    // instead of measuring a new one on the first batch, unless --first-stage gave new latents.
+    let scale_by_std = spec.scale_by_std && (a.init_from.is_none() || a.first_stage.is_some());
     if spec.scale_by_std && !scale_by_std {
         tracing::info!("scale_by_std: keeping the scale_factor of --init-from");
     }

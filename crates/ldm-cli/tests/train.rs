@@ -132,6 +132,50 @@ fn train_autoencoder_cli_runs_with_the_plain_renderer() {
     assert!(std::fs::read_dir(out.join("checkpoint")).unwrap().count() > 0);
     // The exported weights are a CompVis first stage: `ldm autoencode` can use them via a config.
     assert!(out.join("first_stage.safetensors").is_file());
+    // Fine-tuning: --init-from those weights starts at the trained reconstruction loss, not at a
+    // fresh network's (same seed, so the same first batch and the same fresh init otherwise).
+    let fine_tune = |out: &Path, init: Option<&Path>| {
+        let mut args = vec![
+            "train".to_string(),
+            "autoencoder".into(),
+            "--config".into(),
+            s(&yaml),
+            "--data".into(),
+            s(&dir.join("data")),
+            "--out".into(),
+            s(out),
+            "--size".into(),
+            "32".into(),
+            "--batch-size".into(),
+            "2".into(),
+            "--steps-per-epoch".into(),
+            "2".into(),
+        ];
+        if let Some(init) = init {
+            args.extend(["--init-from".into(), s(init)]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ldm(&args)
+    };
+    let o = fine_tune(
+        &dir.join("tuned"),
+        Some(&out.join("first_stage.safetensors")),
+    );
+    assert_ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fine-tuning the first stage"));
+    let o = fine_tune(&dir.join("fresh"), None);
+    assert_ok(&o);
+    let tuned = csv_column(&dir.join("tuned/losses.csv"), "rec_loss")[0];
+    let fresh = csv_column(&dir.join("fresh/losses.csv"), "rec_loss")[0];
+    eprintln!("first reconstruction loss: fine-tune {tuned:.4}, fresh {fresh:.4}");
+    assert!(
+        tuned < fresh,
+        "--init-from did not start from the trained weights: {tuned} vs fresh {fresh}"
+    );
+    // A missing file is an error that names the flag.
+    let o = fine_tune(&dir.join("missing"), Some(&dir.join("nope.safetensors")));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--init-from"));
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -252,6 +296,88 @@ fn train_diffusion_then_sample_the_checkpoint() {
     assert_eq!(
         sf, 0.5,
         "the fine-tune replaced the checkpoint's scale_factor"
+    );
+    // --first-stage with --init-from swaps in another first stage, and scale_by_std measures the
+    // scale of its latents. A copy of the checkpoint's own first stage whose quant_conv gives
+    // twice the mean and twice the std (log-variance + ln 4) encodes every image to exactly
+    // twice the latent: the measured scale_factor halves.
+    let scaled = dir.join("first-stage-x2.safetensors");
+    {
+        let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for (name, view) in st.tensors() {
+            let Some(key) = name.strip_prefix("first_stage_model.") else {
+                continue;
+            };
+            let mut v: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            // quant_conv: 1x1, 2·4 output channels (mean, then log-variance), 8 inputs.
+            if key == "quant_conv.weight" {
+                v[..4 * 8].iter_mut().for_each(|w| *w *= 2.0);
+            }
+            if key == "quant_conv.bias" {
+                v[..4].iter_mut().for_each(|b| *b *= 2.0);
+                v[4..].iter_mut().for_each(|b| *b += 4f32.ln());
+            }
+            tensors.push((key.to_string(), view.shape().to_vec(), v));
+        }
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((k, shape, _), b)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                        .unwrap();
+                (k.clone(), view)
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &scaled).unwrap();
+    }
+    let measured = |first_stage: &Path, name: &str| {
+        let run = dir.join(name);
+        let o = ldm(&[
+            "train",
+            "diffusion",
+            "--config",
+            &s(&by_std),
+            "--data",
+            &s(&dir.join("data")),
+            "--out",
+            &s(&run),
+            "--init-from",
+            &s(&out.join("model.safetensors")),
+            "--first-stage",
+            &s(first_stage),
+            "--size",
+            "32",
+            "--batch-size",
+            "4",
+            "--steps-per-epoch",
+            "1",
+            "--ema-decay",
+            "0",
+        ]);
+        assert_ok(&o);
+        let bytes = std::fs::read(run.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let sf = st.tensor("scale_factor").unwrap();
+        f32::from_le_bytes(sf.data()[..4].try_into().unwrap())
+    };
+    let own = measured(&out.join("model.safetensors"), "own-first-stage");
+    let doubled = measured(&scaled, "doubled-first-stage");
+    eprintln!("measured scale_factor: own first stage {own}, doubled latents {doubled}");
+    assert!(own != 0.5, "--first-stage did not re-measure the scale");
+    assert!(
+        (doubled / own - 0.5).abs() < 1e-3,
+        "--first-stage was not the first stage trained on: {own} vs {doubled}"
     );
     std::fs::remove_dir_all(&dir).ok();
 }
