@@ -50,6 +50,9 @@ pub struct SamplingArgs {
     pub outdir: PathBuf,
 }
 
+/// `ldm txt2img`'s guidance scale for checkpoints (Stable Diffusion's).
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
+
 /// `ldm txt2img`.
 #[derive(Args, Debug)]
 pub struct Txt2Img {
@@ -62,9 +65,10 @@ pub struct Txt2Img {
     /// What to steer away from (the unconditional prompt of guidance).
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    /// Classifier-free guidance scale (1 = no guidance).
-    #[arg(long, default_value_t = 7.5)]
-    pub scale: f64,
+    /// Classifier-free guidance scale (1 = no guidance) [default: 7.5; the built-in demo
+    /// model's own, 3, when no --ckpt is given]
+    #[arg(long)]
+    pub scale: Option<f64>,
     /// Guidance rescale φ in [0, 1] (diffusers' `guidance_rescale`; 0: off, as the reference).
     #[arg(long, default_value_t = 0.0)]
     pub guidance_rescale: f64,
@@ -389,6 +393,11 @@ pub fn txt2img(a: Txt2Img) -> Result<()> {
         (None, None) => bail!("give --prompt or --from-file"),
     };
     let (pipe, device) = load(&a.model)?;
+    let scale = a.scale.unwrap_or(if pipe.name == ldm::demo::NAME {
+        ldm::demo::GUIDANCE_SCALE
+    } else {
+        DEFAULT_GUIDANCE_SCALE
+    });
     let size = native_size(&pipe);
     let mut requests = Vec::new();
     for prompts in batches {
@@ -398,7 +407,7 @@ pub fn txt2img(a: Txt2Img) -> Result<()> {
             a.width.unwrap_or(size),
         )?;
         let cond = pipe.model.text_conditioning(&prompts)?;
-        let uncond = (a.scale != 1.0)
+        let uncond = (scale != 1.0)
             .then(|| {
                 pipe.model.text_conditioning(&vec![
                     a.negative_prompt.as_deref().unwrap_or("");
@@ -408,7 +417,7 @@ pub fn txt2img(a: Txt2Img) -> Result<()> {
             .transpose()?;
         let request = SamplingRequest {
             uncond,
-            guidance_scale: a.scale,
+            guidance_scale: scale,
             guidance_rescale: a.guidance_rescale,
             sampler: sampler_options(&pipe, &a.sampling),
             ..SamplingRequest::new(cond, shape)

@@ -68,8 +68,8 @@ pub struct EvalShapes {
     /// DDIM η.
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
-    /// Guidance scale (default: as `ldm txt2img`).
-    #[arg(long, default_value_t = 7.5)]
+    /// Guidance scale (default: the demo model's, as `ldm txt2img` uses it).
+    #[arg(long, default_value_t = ldm::demo::GUIDANCE_SCALE)]
     pub scale: f64,
     /// Guidance rescale φ in [0, 1] (default: as `ldm txt2img`).
     #[arg(long, default_value_t = 0.0)]

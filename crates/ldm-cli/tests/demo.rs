@@ -51,6 +51,12 @@ fn txt2img_without_ckpt_uses_the_built_in_demo_model() {
     assert!(spread > 64, "a flat image: the weights did not load");
     let text = String::from_utf8_lossy(&a);
     assert!(text.contains(ldm::demo::NAME) && text.contains(prompt));
+    // Without --scale the demo model samples at its own guidance scale, not SD's 7.5.
+    let scale = format!("CFG scale: {},", ldm::demo::GUIDANCE_SCALE);
+    assert!(
+        text.contains(&scale),
+        "`{scale}` not in the PNG's parameters"
+    );
 }
 
 #[test]

@@ -244,7 +244,10 @@ fn train_diffusion_then_sample_the_checkpoint() {
         &s(&samples),
     ]);
     assert_ok(&o);
-    assert!(samples.join("samples/00000.png").is_file());
+    // A checkpoint samples at txt2img's default guidance (SD's 7.5; only the built-in demo model
+    // has its own).
+    let png = std::fs::read(samples.join("samples/00000.png")).unwrap();
+    assert!(String::from_utf8_lossy(&png).contains("CFG scale: 7.5,"));
     // Fine-tuning: --init-from the trained checkpoint continues from its weights (the first
     // loss is already at the trained level, not back at the random one).
     // With `scale_by_std` on, a fine-tune keeps the checkpoint's scale_factor (the reference's
