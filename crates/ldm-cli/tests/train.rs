@@ -87,6 +87,14 @@ fn csv_column(path: &Path, name: &str) -> Vec<f64> {
         .collect()
 }
 
+/// The `scale_factor` a checkpoint written by `ldm train diffusion` holds.
+fn scale_factor(ckpt: &Path) -> f32 {
+    let bytes = std::fs::read(ckpt).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let sf = st.tensor("scale_factor").unwrap();
+    f32::from_le_bytes(sf.data()[..4].try_into().unwrap())
+}
+
 fn s(p: &Path) -> String {
     p.display().to_string()
 }
@@ -261,30 +269,34 @@ fn train_diffusion_then_sample_the_checkpoint() {
         ),
     )
     .unwrap();
+    // A fine-tune of the trained checkpoint on the scale_by_std config: `steps` steps, `extra` flags.
+    let fine_tune = |run: &Path, steps: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train".to_string(),
+            "diffusion".into(),
+            "--config".into(),
+            s(&by_std),
+            "--data".into(),
+            s(&dir.join("data")),
+            "--out".into(),
+            s(run),
+            "--init-from".into(),
+            s(&out.join("model.safetensors")),
+            "--size".into(),
+            "32".into(),
+            "--batch-size".into(),
+            "4".into(),
+            "--steps-per-epoch".into(),
+            steps.into(),
+            "--ema-decay".into(),
+            "0".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_ok(&ldm(&args));
+    };
     let out2 = dir.join("finetune");
-    let o = ldm(&[
-        "train",
-        "diffusion",
-        "--config",
-        &s(&by_std),
-        "--data",
-        &s(&dir.join("data")),
-        "--out",
-        &s(&out2),
-        "--init-from",
-        &s(&out.join("model.safetensors")),
-        "--size",
-        "32",
-        "--batch-size",
-        "4",
-        "--steps-per-epoch",
-        "5",
-        "--lr",
-        "1e-4",
-        "--ema-decay",
-        "0",
-    ]);
-    assert_ok(&o);
+    fine_tune(&out2, "5", &["--lr", "1e-4"]);
     let tuned = csv_column(&out2.join("losses.csv"), "loss");
     let tuned_mean = tuned.iter().sum::<f64>() / tuned.len() as f64;
     eprintln!("fine-tuning loss over 5 steps: {tuned_mean:.4} (fresh start: {first:.4})");
@@ -292,10 +304,7 @@ fn train_diffusion_then_sample_the_checkpoint() {
         tuned_mean < first,
         "fine-tuning did not start from the trained weights"
     );
-    let bytes = std::fs::read(out2.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let sf = st.tensor("scale_factor").unwrap();
-    let sf = f32::from_le_bytes(sf.data()[..4].try_into().unwrap());
+    let sf = scale_factor(&out2.join("model.safetensors"));
     assert_eq!(
         sf, 0.5,
         "the fine-tune replaced the checkpoint's scale_factor"
@@ -346,33 +355,8 @@ fn train_diffusion_then_sample_the_checkpoint() {
     }
     let measured = |first_stage: &Path, name: &str| {
         let run = dir.join(name);
-        let o = ldm(&[
-            "train",
-            "diffusion",
-            "--config",
-            &s(&by_std),
-            "--data",
-            &s(&dir.join("data")),
-            "--out",
-            &s(&run),
-            "--init-from",
-            &s(&out.join("model.safetensors")),
-            "--first-stage",
-            &s(first_stage),
-            "--size",
-            "32",
-            "--batch-size",
-            "4",
-            "--steps-per-epoch",
-            "1",
-            "--ema-decay",
-            "0",
-        ]);
-        assert_ok(&o);
-        let bytes = std::fs::read(run.join("model.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let sf = st.tensor("scale_factor").unwrap();
-        f32::from_le_bytes(sf.data()[..4].try_into().unwrap())
+        fine_tune(&run, "1", &["--first-stage", &s(first_stage)]);
+        scale_factor(&run.join("model.safetensors"))
     };
     let own = measured(&out.join("model.safetensors"), "own-first-stage");
     let doubled = measured(&scaled, "doubled-first-stage");
