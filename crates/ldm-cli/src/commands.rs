@@ -66,7 +66,7 @@ pub struct Txt2Img {
     #[arg(long)]
     pub negative_prompt: Option<String>,
     /// Classifier-free guidance scale (1 = no guidance) [default: 7.5; the built-in demo
-    /// model's own, 3, when no --ckpt is given]
+    /// model's own, 2, when no --ckpt is given]
     #[arg(long)]
     pub scale: Option<f64>,
     /// Guidance rescale φ in [0, 1] (diffusers' `guidance_rescale`; 0: off, as the reference).

@@ -24,7 +24,7 @@ pub const NAME: &str = "ldm-demo-shapes";
 /// per model (LDM txt2img.py 5.0, SD 7.5): at 7.5 this small model oversaturates flat colours
 /// into speckles. Chosen on the seen prompts of `ldm eval shapes`, not the held-out ones (the
 /// README's demo section has the figures).
-pub const GUIDANCE_SCALE: f64 = 3.0;
+pub const GUIDANCE_SCALE: f64 = 2.0;
 
 #[cfg(ldm_demo_weights)]
 static WEIGHTS: &[u8] = include_bytes!("../../assets/demo/model.safetensors");
