@@ -230,28 +230,16 @@ fn autoencoder(a: TrainAe) -> Result<()> {
         let r = loss.perceptual_loss.load_weights(&[vgg, lin])?;
         tracing::info!("{r}");
     }
-    let init = a
-        .init_from
-        .as_ref()
-        .map(|p| StateDict::open(p).with_context(|| format!("--init-from {}", p.display())))
-        .transpose()?;
-    let ae = match spec {
-        FirstStageSpec::Kl(cfg) => {
-            let mut ae = cfg.init(&device);
-            if let Some(sd) = &init {
-                ae.load_weights(sd)?;
-            }
-            FirstStageNet::Kl(ae)
-        }
-        FirstStageSpec::Vq(cfg) => {
-            let mut ae = cfg.init(&device);
-            if let Some(sd) = &init {
-                ae.load_weights(sd)?;
-            }
-            FirstStageNet::Vq(ae)
-        }
+    let mut ae = match spec {
+        FirstStageSpec::Kl(cfg) => FirstStageNet::Kl(cfg.init(&device)),
+        FirstStageSpec::Vq(cfg) => FirstStageNet::Vq(cfg.init(&device)),
     };
     if let Some(p) = &a.init_from {
+        let sd = StateDict::open(p).with_context(|| format!("--init-from {}", p.display()))?;
+        match &mut ae {
+            FirstStageNet::Kl(m) => m.load_weights(&sd)?,
+            FirstStageNet::Vq(m) => m.load_weights(&sd)?,
+        };
         eprintln!("fine-tuning the first stage of {}", p.display());
     }
     let lr = a
