@@ -213,6 +213,16 @@ const FULL: Recipe = Recipe {
                 seed: 3,
             }),
         },
+        Stage {
+            why: "another cosine fine-tune: the loss was still falling at the end of the fourth",
+            steps: 1400,
+            batch: 64,
+            lr: 4.0e-4,
+            warmup: 50,
+            cosine: true,
+            seed: 37,
+            first_stage: None,
+        },
     ],
     eval: Vec::new(),
 };
