@@ -27,7 +27,14 @@ const GENERATORS: &[&str] = &[
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `bench` passes its arguments on to `ldm bench` (whose own `--help` then answers).
+    let help = args.first().map(String::as_str) != Some("bench")
+        && args.iter().any(|a| a == "--help" || a == "-h");
     match args.first().map(String::as_str) {
+        _ if help => {
+            usage();
+            Ok(())
+        }
         Some("fixtures") => fixtures(&args[1..]),
         Some("ci") => run(Command::new("bash").arg(root().join(".ci/run"))),
         Some("train-demo") => train_demo(&args[1..]),
@@ -38,8 +45,19 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!(
-                "usage: cargo xtask <task>\n\n\
+            usage();
+            if args.is_empty() {
+                Ok(())
+            } else {
+                bail!("unknown task `{}`", args[0])
+            }
+        }
+    }
+}
+
+fn usage() {
+    eprintln!(
+        "usage: cargo xtask <task>\n\n\
                  tasks:\n  fixtures [NAME..]  regenerate tests/fixtures from the reference (NAME: autoencoder, unet, conditioning, schedules, samplers, diffusers, pipelines, losses;\n                     tokenizer data: python3 xtask/fixtures/build_tokenizers.py, see its docstring)\n  \
                  train-demo [--smoke] [--ldm PATH] [--out DIR] [--lpips-vgg F --lpips-lin F]\n\
                                     reproduce the built-in demo model (dataset, autoencoder, diffusion, eval);\n\
@@ -50,14 +68,7 @@ fn main() -> Result<()> {
                  fixtures needs LDM_REFERENCE and TAMING_REFERENCE (and SD2_REFERENCE for the UNet) pointing to\n\
                  checkouts of CompVis/latent-diffusion, CompVis/taming-transformers, Stability-AI/stablediffusion;\n\
                  `diffusers` needs diffusers 0.35.2 (pip install \"diffusers==0.35.2\" \"huggingface-hub<1\")."
-            );
-            if args.is_empty() {
-                Ok(())
-            } else {
-                bail!("unknown task `{}`", args[0])
-            }
-        }
-    }
+    );
 }
 
 fn root() -> PathBuf {
