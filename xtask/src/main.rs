@@ -282,8 +282,8 @@ fn train_demo(args: &[String]) -> Result<()> {
     // Two CPU "devices" by default: data parallelism uses both cores of a small machine better
     // than one run (see the README's demo section). The autoencoder trains on the first device.
     let device = take_opt(&mut args, "--device").unwrap_or_else(|| "cpu,cpu".into());
-    let n_devices = device.split(',').count();
-    let ae_device = device.split(',').next().unwrap_or("cpu").trim().to_string();
+    let devices: Vec<&str> = device.split(',').map(str::trim).collect();
+    let (n_devices, ae_device) = (devices.len(), devices[0].to_string());
     if let Some(a) = args.first() {
         bail!("train-demo: unexpected argument `{a}`");
     }
@@ -329,6 +329,17 @@ fn train_demo(args: &[String]) -> Result<()> {
     } else {
         FULL
     };
+    // Checked before any work: a stage found unsplittable hours in would waste the stages before.
+    if let Some(t) = recipe
+        .stages
+        .iter()
+        .find(|t| !t.batch.is_multiple_of(n_devices))
+    {
+        bail!(
+            "a batch of {} does not split over the {n_devices} devices of --device {device}",
+            t.batch
+        );
+    }
     // Only the full recipe installs its weights (the ones shipped); the others stay in --out.
     let install = !smoke && !short;
     let root = root();
@@ -407,12 +418,6 @@ fn train_demo(args: &[String]) -> Result<()> {
     // Every diffusion stage: the same flags but for the output, steps, batch, learning rate,
     // warm-up, seed and where the weights start.
     let diffusion = |dir: &Path, t: &Stage, init: Option<&Path>, first_stage: Option<&Path>| {
-        if !t.batch.is_multiple_of(n_devices) {
-            bail!(
-                "a batch of {} does not split over the {n_devices} devices of --device {device}",
-                t.batch
-            );
-        }
         let mut c = ldm_cmd();
         c.args(["train", "diffusion", "--size", "64", "--flip"])
             .args(["--seed", &t.seed.to_string()])
