@@ -420,7 +420,15 @@ fn train_demo(args: &[String]) -> Result<()> {
             c.arg("--init-from").arg(init);
         }
         run(&mut c)?;
-        Ok::<_, anyhow::Error>(dir.join("first_stage.safetensors"))
+        let weights = dir.join("first_stage.safetensors");
+        // Its reconstructions scored as samples are (the bound on what the UNet can reach).
+        run(ldm_cmd()
+            .args(["eval", "shapes", "--reconstruct", "--json"])
+            .arg("--first-stage")
+            .arg(&weights)
+            .args(recipe.eval)
+            .args(["--device", &ae_device]))?;
+        Ok::<_, anyhow::Error>(weights)
     };
     stage("first stage: ldm train autoencoder");
     let mut first_stage = autoencoder(

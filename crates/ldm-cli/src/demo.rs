@@ -9,6 +9,7 @@ use ldm::burn::tensor::{Tensor, TensorData};
 use ldm::demo::shapes::{
     self, COLORS, Combo, SIZE, SizeClass, SplitMix64, classify, held_out, training_combos,
 };
+use ldm::io::StateDict;
 use ldm::pipelines::SamplingRequest;
 use ldm::schedulers::{SamplerKind, SeededNoise};
 
@@ -92,6 +93,10 @@ pub struct EvalShapes {
     /// score.
     #[arg(long)]
     pub reconstruct: bool,
+    /// With --reconstruct: score this first stage (`first_stage.safetensors` from `ldm train
+    /// autoencoder`) instead of the checkpoint's, e.g. before training a diffusion model on it.
+    #[arg(long, requires = "reconstruct")]
+    pub first_stage: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -159,7 +164,13 @@ pub fn eval(e: Eval) -> Result<()> {
     if a.per_prompt == 0 || a.batch == 0 {
         bail!("--per-prompt and --batch must be at least 1");
     }
-    let (pipe, device) = load(&a.model)?;
+    let (mut pipe, device) = load(&a.model)?;
+    if let Some(path) = &a.first_stage {
+        let sd =
+            StateDict::open(path).with_context(|| format!("first stage {}", path.display()))?;
+        // load_weights logs what it loaded.
+        pipe.model.first_stage.load_weights(&sd)?;
+    }
     let size = native_size(&pipe);
     if size != SIZE {
         tracing::warn!(
@@ -240,7 +251,9 @@ pub fn eval(e: Eval) -> Result<()> {
         "ldm eval shapes — {} ({}), {}, seed {}, {} images in {secs:.1}s",
         pipe.name,
         pipe.source.display(),
-        if a.reconstruct {
+        if let Some(fs) = &a.first_stage {
+            format!("reconstructions of rendered shapes by {}", fs.display())
+        } else if a.reconstruct {
             "first-stage reconstructions of rendered shapes".to_string()
         } else {
             format!("{} {} steps, scale {}", a.sampler, a.steps, a.scale)

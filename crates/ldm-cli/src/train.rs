@@ -305,11 +305,7 @@ fn diffusion(a: TrainLdm) -> Result<()> {
             let sd = StateDict::open(&path)
                 .with_context(|| format!("first stage {}", path.display()))?;
             // load_weights logs what it loaded.
-            match &mut model.first_stage {
-                ldm::pipelines::FirstStage::Kl(ae) => ae.load_weights(&sd)?,
-                ldm::pipelines::FirstStage::Vq(ae) => ae.load_weights(&sd)?,
-                ldm::pipelines::FirstStage::Identity => bail!("no first stage"),
-            };
+            model.first_stage.load_weights(&sd)?;
         }
         None if a.init_from.is_none() => tracing::warn!(
             "no first-stage weights (--first-stage or first_stage_config.params.ckpt_path): the autoencoder is RANDOM"

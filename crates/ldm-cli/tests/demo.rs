@@ -194,6 +194,68 @@ fn eval_shapes_reconstruct_scores_the_first_stage() {
     );
 }
 
+/// `--first-stage` swaps the autoencoder the reconstructions go through: the built-in one with every
+/// weight zeroed decodes each image to one flat grey (no background survives), and a file that lacks
+/// the encoder's keys is an error naming them, not a half-random model.
+#[test]
+fn eval_shapes_reconstruct_scores_a_given_first_stage() {
+    use safetensors::{SafeTensors, tensor::TensorView};
+    let dir = temp_dir("demo-first-stage");
+    let shipped = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ldm/assets/demo/model.safetensors"
+    );
+    let bytes = std::fs::read(shipped).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let first_stage: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("first_stage_model."))
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), vec![0u8; v.data().len()]))
+        .collect();
+    assert!(
+        first_stage.len() > 20,
+        "{} first-stage tensors",
+        first_stage.len()
+    );
+    let write = |name: &str, keep: &dyn Fn(&str) -> bool| {
+        let views: Vec<(String, TensorView<'_>)> = first_stage
+            .iter()
+            .filter(|(n, ..)| keep(n))
+            .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        let path = dir.join(name);
+        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+        path
+    };
+    let eval = |fs: &Path| {
+        let mut c = ldm();
+        c.args(["eval", "shapes", "--reconstruct", "--per-prompt", "1"])
+            .args(["--seen", "2", "--json", "--first-stage"])
+            .arg(fs);
+        c
+    };
+
+    let zeroed = write("zeroed.safetensors", &|_| true);
+    let stdout = eval_json(&mut eval(&zeroed));
+    assert!(stdout.contains("zeroed.safetensors"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let bg = v["held_out"]["background"].as_f64().unwrap();
+    assert!(
+        bg <= 50.0,
+        "background kept in {bg}% through a zeroed autoencoder\n{stdout}"
+    );
+
+    let decoder_only = write("decoder.safetensors", &|n| !n.contains(".encoder."));
+    let out = eval(&decoder_only).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("missing"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("encoder.conv_in.weight"), "{stderr}");
+}
+
 /// Runs an `ldm eval` command, asserting success; its stdout.
 fn eval_json(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();

@@ -6,6 +6,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::guidance::{Conditioning, ConditioningKey, DiffusionModel, DiffusionWrapper, Guided};
 use crate::conditioning::{ClassEmbedder, ClipTextModel, TextTokenizer, TransformerWrapper};
 use crate::error::{Error, Result};
+use crate::io::{LoadReport, StateDict};
 use crate::models::autoencoder::{AutoencoderKL, VQModel};
 use crate::schedulers::{
     DiffusionSchedule, Inpainting, NoiseKind, NoiseSource, Parameterization, SampleOptions,
@@ -49,6 +50,18 @@ impl FirstStage {
             Self::Kl(ae) => ae.decode(z),
             Self::Vq(ae) => ae.decode_latent(z, false),
             Self::Identity => z,
+        }
+    }
+
+    /// Replaces the autoencoder's weights (keys under `first_stage_model.` or bare, as
+    /// `ldm train autoencoder` writes them); an error for a pixel-space model.
+    pub fn load_weights(&mut self, state_dict: &StateDict) -> Result<LoadReport> {
+        match self {
+            Self::Kl(ae) => ae.load_weights(state_dict),
+            Self::Vq(ae) => ae.load_weights(state_dict),
+            Self::Identity => Err(Error::Config(
+                "a pixel-space model has no first stage to load weights into".into(),
+            )),
         }
     }
 }
