@@ -3,9 +3,10 @@
 //! - `fixtures`: regenerate the parity fixtures in `tests/fixtures/` from the reference code
 //!   (needs python3 with torch, numpy, safetensors, einops, pytorch-lightning, pillow, and
 //!   checkouts of the reference repositories; see README.md).
-//! - `train-demo [--smoke|--short] [--ldm PATH] [--out DIR] [--device D]`: the demo model's whole
-//!   recipe (dataset → autoencoder → diffusion → f16 weights in `crates/ldm/assets/demo/` → `ldm eval
-//!   shapes`); `--short`: the two-run, 2.5-hour recipe from scratch (weights left in `--out`).
+//! - `train-demo [--smoke|--short] [--resume] [--ldm PATH] [--out DIR] [--device D]`: the demo
+//!   model's whole recipe (dataset → autoencoder → diffusion → f16 weights in
+//!   `crates/ldm/assets/demo/` → `ldm eval shapes`); `--short`: the two-run, 2.5-hour recipe from
+//!   scratch (weights left in `--out`); `--resume`: keep the stages an interrupted run finished.
 //! - `bench [ldm bench args]`: build the release `ldm` and run `ldm bench` beside the PyTorch script
 //!   `xtask/bench/bench_torch.py` (ratios measured in the same run).
 //! - `ci`: run what `.ci/run` runs.
@@ -64,10 +65,13 @@ tasks:
   fixtures [NAME..]  regenerate tests/fixtures from the reference (NAME: autoencoder, unet,
                      conditioning, schedules, samplers, diffusers, pipelines, losses; tokenizer
                      data: python3 xtask/fixtures/build_tokenizers.py, see its docstring)
-  train-demo [--smoke|--short] [--ldm PATH] [--out DIR] [--device D] [--lpips-vgg F --lpips-lin F]
+  train-demo [--smoke|--short] [--resume] [--ldm PATH] [--out DIR] [--device D]
+             [--lpips-vgg F --lpips-lin F]
                      reproduce the built-in demo model (dataset, autoencoder, diffusion, eval);
                      --smoke: a few steps on a tiny dataset; --short: a 2.5-h recipe from scratch
                      (held-out shape 88%, below the shipped weights); neither installs its weights;
+                     --resume: keep --out and the stages a run finished there with the same
+                     arguments (up to the first that differs or is unfinished); else --out is cleared;
                      --device (default cpu,cpu): diffusion batches split over its devices,
                      the autoencoder and the evaluation on the first
   f16 SRC DST        store a checkpoint's f32 tensors as f16 (what train-demo ships)
@@ -288,6 +292,7 @@ fn train_demo(args: &[String]) -> Result<()> {
     let mut args = args.to_vec();
     let smoke = take_flag(&mut args, "--smoke");
     let short = take_flag(&mut args, "--short");
+    let resume = take_flag(&mut args, "--resume");
     if smoke && short {
         bail!("--smoke and --short are two different recipes: give one");
     }
@@ -380,23 +385,29 @@ fn train_demo(args: &[String]) -> Result<()> {
         c.current_dir(&root);
         c
     };
-    if out.exists() {
+    if out.exists() && !resume {
         std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
+    let stages = Stages {
+        keep: std::cell::Cell::new(resume),
+    };
     let data = out.join("data");
 
     stage("dataset: ldm data shapes");
-    run(ldm_cmd()
-        .args([
-            "data",
-            "shapes",
-            "--seed",
-            "0",
-            "--n",
-            &recipe.images.to_string(),
-        ])
-        .arg("--out")
-        .arg(&data))?;
+    stages.run(
+        &data,
+        ldm_cmd()
+            .args([
+                "data",
+                "shapes",
+                "--seed",
+                "0",
+                "--n",
+                &recipe.images.to_string(),
+            ])
+            .arg("--out")
+            .arg(&data),
+    )?;
 
     // The first stage's run and its fine-tunes: the same flags but for the output, steps,
     // learning rate, seed and where the weights start.
@@ -419,7 +430,7 @@ fn train_demo(args: &[String]) -> Result<()> {
         if let Some(init) = init {
             c.arg("--init-from").arg(init);
         }
-        run(&mut c)?;
+        stages.run(dir, &mut c)?;
         let weights = dir.join("first_stage.safetensors");
         // Its reconstructions scored as samples are (the bound on what the UNet can reach).
         run(ldm_cmd()
@@ -477,7 +488,7 @@ fn train_demo(args: &[String]) -> Result<()> {
         if let Some(fs) = first_stage {
             c.arg("--first-stage").arg(fs);
         }
-        run(&mut c)
+        stages.run(dir, &mut c)
     };
     // Each stage starts from the previous one's weights; the first from scratch.
     let mut ldm_dir: Option<PathBuf> = None;
@@ -519,6 +530,12 @@ fn train_demo(args: &[String]) -> Result<()> {
     eprintln!("wrote {} ({:.1} MB)", weights.display(), bytes as f64 / 1e6);
 
     stage("evaluation: ldm eval shapes");
+    // Always run again (a few minutes), over a resumed run's grids too.
+    let eval_dir = out.join("eval");
+    if eval_dir.exists() {
+        std::fs::remove_dir_all(&eval_dir)
+            .with_context(|| format!("clearing {}", eval_dir.display()))?;
+    }
     run(ldm_cmd()
         .args(["eval", "shapes", "--json"])
         .arg("--ckpt")
@@ -526,7 +543,7 @@ fn train_demo(args: &[String]) -> Result<()> {
         .arg("--config")
         .arg(assets.join("config.yaml"))
         .arg("--outdir")
-        .arg(out.join("eval"))
+        .arg(&eval_dir)
         .args(recipe.eval)
         .args(["--device", &ae_device]))?;
     stage("done");
@@ -537,6 +554,38 @@ fn train_demo(args: &[String]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs the recipe's stages, each writing one folder. A finished stage leaves `<folder>.done`
+/// holding its arguments; while `keep` holds (`--resume`), a stage whose marker matches is kept
+/// instead of run again. The first stage that runs ends the keeping: everything after it depends on
+/// its output.
+struct Stages {
+    keep: std::cell::Cell<bool>,
+}
+
+impl Stages {
+    fn run(&self, dir: &Path, cmd: &mut Command) -> Result<()> {
+        let marker = PathBuf::from(format!("{}.done", dir.display()));
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let signature = args.join("\n");
+        if self.keep.get() && std::fs::read_to_string(&marker).is_ok_and(|s| s == signature) {
+            eprintln!("kept (--resume): {} finished before", dir.display());
+            return Ok(());
+        }
+        self.keep.set(false);
+        if marker.exists() {
+            std::fs::remove_file(&marker)?;
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
+        run(cmd)?;
+        std::fs::write(&marker, signature).with_context(|| format!("writing {}", marker.display()))
+    }
 }
 
 /// Copies a safetensors file, storing f32 tensors as f16 (other dtypes and 0-d tensors unchanged,
