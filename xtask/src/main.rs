@@ -3,10 +3,11 @@
 //! - `fixtures`: regenerate the parity fixtures in `tests/fixtures/` from the reference code
 //!   (needs python3 with torch, numpy, safetensors, einops, pytorch-lightning, pillow, and
 //!   checkouts of the reference repositories; see README.md).
-//! - `train-demo [--smoke|--short] [--resume] [--ldm PATH] [--out DIR] [--device D]`: the demo
+//! - `train-demo [--smoke|--short] [--resume] [--dry-run] [--ldm PATH] [--out DIR] [--device D]`: the demo
 //!   model's whole recipe (dataset → autoencoder → diffusion → f16 weights in
 //!   `crates/ldm/assets/demo/` → `ldm eval shapes`); `--short`: the two-run, 2.5-hour recipe from
-//!   scratch (weights left in `--out`); `--resume`: keep the stages an interrupted run finished.
+//!   scratch (weights left in `--out`); `--resume`: keep the stages an interrupted run finished;
+//!   `--dry-run`: print the stages' commands.
 //! - `bench [ldm bench args]`: build the release `ldm` and run `ldm bench` beside the PyTorch script
 //!   `xtask/bench/bench_torch.py` (ratios measured in the same run).
 //! - `ci`: run what `.ci/run` runs.
@@ -65,13 +66,14 @@ tasks:
   fixtures [NAME..]  regenerate tests/fixtures from the reference (NAME: autoencoder, unet,
                      conditioning, schedules, samplers, diffusers, pipelines, losses; tokenizer
                      data: python3 xtask/fixtures/build_tokenizers.py, see its docstring)
-  train-demo [--smoke|--short] [--resume] [--ldm PATH] [--out DIR] [--device D]
+  train-demo [--smoke|--short] [--resume] [--dry-run] [--ldm PATH] [--out DIR] [--device D]
              [--lpips-vgg F --lpips-lin F]
                      reproduce the built-in demo model (dataset, autoencoder, diffusion, eval);
                      --smoke: a few steps on a tiny dataset; --short: a 2.5-h recipe from scratch
                      (held-out shape 88%, below the shipped weights); neither installs its weights;
                      --resume: keep --out and the stages a run finished there with the same
                      arguments (up to the first that differs or is unfinished); else --out is cleared;
+                     --dry-run: print each stage's folder and `ldm` arguments, run nothing;
                      --device (default cpu,cpu): diffusion batches split over its devices,
                      the autoencoder and the evaluation on the first
   f16 SRC DST        store a checkpoint's f32 tensors as f16 (what train-demo ships)
@@ -293,6 +295,7 @@ fn train_demo(args: &[String]) -> Result<()> {
     let smoke = take_flag(&mut args, "--smoke");
     let short = take_flag(&mut args, "--short");
     let resume = take_flag(&mut args, "--resume");
+    let dry = take_flag(&mut args, "--dry-run");
     if smoke && short {
         bail!("--smoke and --short are two different recipes: give one");
     }
@@ -375,6 +378,7 @@ fn train_demo(args: &[String]) -> Result<()> {
     });
     let ldm = match ldm {
         Some(p) => p,
+        None if dry => root.join("target/release/ldm"),
         None => release_ldm(&[])?,
     };
     let assets = root.join("crates/ldm/assets/demo");
@@ -385,11 +389,12 @@ fn train_demo(args: &[String]) -> Result<()> {
         c.current_dir(&root);
         c
     };
-    if out.exists() && !resume {
+    if out.exists() && !resume && !dry {
         std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
     let stages = Stages {
         keep: std::cell::Cell::new(resume),
+        dry,
     };
     let data = out.join("data");
 
@@ -433,12 +438,14 @@ fn train_demo(args: &[String]) -> Result<()> {
         stages.run(dir, &mut c)?;
         let weights = dir.join("first_stage.safetensors");
         // Its reconstructions scored as samples are (the bound on what the UNet can reach).
-        run(ldm_cmd()
-            .args(["eval", "shapes", "--reconstruct", "--json"])
-            .arg("--first-stage")
-            .arg(&weights)
-            .args(recipe.eval)
-            .args(["--device", &ae_device]))?;
+        if !dry {
+            run(ldm_cmd()
+                .args(["eval", "shapes", "--reconstruct", "--json"])
+                .arg("--first-stage")
+                .arg(&weights)
+                .args(recipe.eval)
+                .args(["--device", &ae_device]))?;
+        }
         Ok::<_, anyhow::Error>(weights)
     };
     stage("first stage: ldm train autoencoder");
@@ -519,6 +526,9 @@ fn train_demo(args: &[String]) -> Result<()> {
         ldm_dir = Some(dir);
     }
     let ldm_dir = ldm_dir.context("the recipe has no diffusion stage")?;
+    if dry {
+        return Ok(());
+    }
 
     stage("f16 weights");
     let weights = if install {
@@ -559,9 +569,10 @@ fn train_demo(args: &[String]) -> Result<()> {
 /// Runs the recipe's stages, each writing one folder. A finished stage leaves `<folder>.done`
 /// holding its arguments; while `keep` holds (`--resume`), a stage whose marker matches is kept
 /// instead of run again. The first stage that runs ends the keeping: everything after it depends on
-/// its output.
+/// its output. With `dry` (`--dry-run`) each stage's folder and arguments are printed instead.
 struct Stages {
     keep: std::cell::Cell<bool>,
+    dry: bool,
 }
 
 impl Stages {
@@ -572,6 +583,10 @@ impl Stages {
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         let signature = args.join("\n");
+        if self.dry {
+            eprintln!("{}: ldm {}", dir.display(), args.join(" "));
+            return Ok(());
+        }
         if self.keep.get() && std::fs::read_to_string(&marker).is_ok_and(|s| s == signature) {
             eprintln!("kept (--resume): {} finished before", dir.display());
             return Ok(());
