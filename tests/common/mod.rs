@@ -32,10 +32,13 @@ pub fn device() -> Device {
     ldm::device::parse_device(&spec).unwrap_or_else(|e| panic!("LDM_TEST_DEVICE={spec}: {e}"))
 }
 
+/// A fixture tensor: its shape, and its values as f32 and (for integer tensors) i64.
+type FixtureTensor = (Vec<usize>, Vec<f32>, Vec<i64>);
+
 /// A fixture file's tensors (as f32 / i64 host data) and metadata.
 pub struct Fixture {
     pub name: String,
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>, Vec<i64>)>,
+    tensors: HashMap<String, FixtureTensor>,
     pub metadata: HashMap<String, String>,
 }
 

@@ -211,6 +211,8 @@ fn autoencoder(a: TrainAe) -> Result<()> {
     let c = &a.common;
     let devs = devices(&c.device)?;
     let device = devs[0].clone();
+    // Fresh weights come from the backend's RNG: seed it, so --seed reproduces a run.
+    device.seed(c.seed);
     let (spec, mut loss_cfg, base_lr) = autoencoder_training_config(&a.config)
         .with_context(|| format!("reading {}", a.config.display()))?;
     let lpips_files = match (&a.lpips_vgg, &a.lpips_lin) {
@@ -286,6 +288,8 @@ fn diffusion(a: TrainLdm) -> Result<()> {
     let c = &a.common;
     let devs = devices(&c.device)?;
     let device = devs[0].clone();
+    // Fresh weights come from the backend's RNG: seed it, so --seed reproduces a run.
+    device.seed(c.seed);
     let spec = LdmSpec::from_yaml_file(&a.config)?;
     let mut model = match &a.init_from {
         Some(init) => {

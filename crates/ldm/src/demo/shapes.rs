@@ -158,7 +158,7 @@ impl SplitMix64 {
 /// colour, shape and background still appears in training.
 pub fn held_out() -> Vec<Combo> {
     let mut all = Combo::all();
-    let mut rng = SplitMix64::new(0x5EED_0F_5A9E5);
+    let mut rng = SplitMix64::new(0x05EE_D0F5_A9E5);
     for i in (1..all.len()).rev() {
         all.swap(i, rng.below(i + 1));
     }

@@ -38,7 +38,7 @@ fn fast_path(norm: &GroupNorm, x: &Tensor<4>) -> bool {
         && x.dtype() == burn::tensor::DType::F32
         && norm.affine
         && x.dims()[1] == norm.num_channels
-        && norm.num_channels % norm.num_groups == 0
+        && norm.num_channels.is_multiple_of(norm.num_groups)
 }
 
 #[cfg(feature = "flex")]

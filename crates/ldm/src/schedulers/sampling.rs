@@ -78,6 +78,8 @@ pub fn sample(
         }
     }
     scheduler.reset();
+    // `index` is the step's number for the scheduler and the noise source, not only a position.
+    #[allow(clippy::needless_range_loop)]
     for index in opts.start..n {
         if let Some(inp) = &opts.inpainting {
             let z = noise.noise(NoiseKind::Blend, index, x.dims(), &x.device())?;

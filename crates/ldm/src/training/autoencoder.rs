@@ -178,7 +178,7 @@ impl TrainStep for AutoencoderTrainer {
         }
         values.extend(dlog.0);
         values.push(("psnr", psnr(&x, &recon)));
-        if self.state.sample_every > 0 && step % self.state.sample_every == 0 {
+        if self.state.sample_every > 0 && step.is_multiple_of(self.state.sample_every) {
             self.save_samples(step, &x, &recon);
         }
         let scalars = Scalars { values, batch: b };
@@ -300,6 +300,7 @@ pub fn train_autoencoder(
         valid,
         steps,
         autodiff: ad,
+        ..
     } = loaders(
         data,
         config.batch_size,

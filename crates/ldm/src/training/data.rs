@@ -227,6 +227,9 @@ pub struct ImageItem {
     pub caption: String,
     /// Class label, if any.
     pub label: Option<usize>,
+    /// Where the item sits in what was read: its index in the folder, or its place in a training
+    /// epoch's order (which keys the step's random draws, whichever device trains on it).
+    pub position: usize,
 }
 
 impl Dataset<ImageItem> for ImageFolder {
@@ -245,6 +248,7 @@ impl Dataset<ImageItem> for ImageFolder {
                         size: self.transform.size,
                         caption: r.caption.clone().unwrap_or_default(),
                         label: r.label,
+                        position: index,
                     });
                 }
                 Err(e) => {
@@ -272,6 +276,8 @@ pub struct ImageBatch {
     pub captions: Vec<String>,
     /// Labels (`None` when the folder has no classes).
     pub labels: Vec<Option<usize>>,
+    /// The items' [`ImageItem::position`]s.
+    pub positions: Vec<usize>,
 }
 
 /// Stacks [`ImageItem`]s.
@@ -290,6 +296,7 @@ impl Batcher<ImageItem, ImageBatch> for ImageBatcher {
             images: Tensor::from_data(TensorData::new(data, [n, 3, s, s]), device),
             captions: items.iter().map(|i| i.caption.clone()).collect(),
             labels: items.iter().map(|i| i.label).collect(),
+            positions: items.iter().map(|i| i.position).collect(),
         }
     }
 }

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use burn::config::Config;
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataset::Dataset;
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
@@ -19,7 +21,7 @@ use burn::train::{InferenceStep, Learner, SupervisedTraining, TrainOutput, Train
 use rand::RngExt;
 
 use super::autoencoder::{FirstStageNet, trainable};
-use super::data::{ImageBatch, ImageFolder};
+use super::data::{ImageBatch, ImageBatcher, ImageFolder};
 use super::metrics::{ScalarMetric, Scalars};
 use super::shared::{
     CsvLog, Loaders, MergeGrads, Tensors, export, loaders, randn, save_grid, step_rng, with_devices,
@@ -71,6 +73,9 @@ struct DiffState {
     sample_prompts: Arc<Mutex<Vec<String>>>,
     /// Batches per epoch (set by [`train_diffusion`]): the trainer state is saved at each epoch end.
     steps_per_epoch: usize,
+    /// Items per epoch (set by [`train_diffusion`]): with the batch's place in the epoch, the key
+    /// of a step's random draws.
+    epoch_items: usize,
 }
 
 /// UNet (+ conditioning encoder) training model with the frozen first stage.
@@ -309,6 +314,7 @@ impl DiffusionTrainer {
                 sample_size: config.sample_size,
                 sample_prompts: Arc::new(Mutex::new(Vec::new())),
                 steps_per_epoch: 0,
+                epoch_items: 0,
             },
         })
     }
@@ -422,7 +428,32 @@ impl DiffusionTrainer {
         step_rng(self.state.seed, step, stream)
     }
 
-    fn encode(&self, x: Tensor<4>, step: usize) -> Tensor<4> {
+    /// The key of a training batch's random draws (posterior sample, caption dropout, timesteps,
+    /// noise): its epoch and its place in the epoch's order, so a run draws the same for the same
+    /// batch however its devices interleave (the batch counter `step` alone would pair batches
+    /// and draws in the order the devices happen to start their steps). The batch counter where
+    /// the order is unknown.
+    fn draw_key(&self, batch: &ImageBatch, step: usize) -> usize {
+        let (per_epoch, items) = (self.state.steps_per_epoch, self.state.epoch_items);
+        match batch.positions.first() {
+            Some(&p) if per_epoch > 0 && items > 0 => (step / per_epoch) * items + p,
+            _ => step,
+        }
+    }
+
+    /// `scale_by_std`: `scale_factor` = 1 / std of the (unbiased) latents of `batch`, the epoch's
+    /// first — as the reference measures it on its first training batch. Done before training
+    /// starts, so every device's first step already uses it.
+    fn measure_scale_factor(&self, batch: &ImageBatch) {
+        let z = self.latents(batch.images.clone(), 0);
+        let all = z.clone().reshape([z.shape().num_elements()]);
+        let s = all.var(0).sqrt().into_scalar::<f32>() as f64;
+        *self.state.scale_factor.lock().expect("lock") = 1.0 / s;
+        tracing::info!("scale_by_std: scale_factor = 1/std(z) = {}", 1.0 / s);
+    }
+
+    /// Unscaled latents of `x` (a posterior sample drawn with `key`), detached.
+    fn latents(&self, x: Tensor<4>, key: usize) -> Tensor<4> {
         // The first stage is frozen: run it without autodiff (no graph, and the fast inference
         // paths apply), then bring the latents back as constants.
         let tracked = x.device().is_autodiff();
@@ -434,29 +465,26 @@ impl DiffusionTrainer {
         let z = match &first_stage {
             FirstStageNet::Kl(ae) => {
                 let post = ae.encode(x);
-                post.sample_with_rng(&mut self.rng(step, 1))
+                post.sample_with_rng(&mut self.rng(key, 1))
             }
             FirstStageNet::Vq(ae) => ae.encode_to_prequant(x),
         };
-        let z = if tracked { Tensor::from_inner(z) } else { z }.detach();
-        let mut sf = self.state.scale_factor.lock().expect("lock");
-        if self.state.scale_by_std && step == 0 {
-            // The reference: 1 / z.flatten().std() on the first batch (unbiased).
-            let all = z.clone().inner().reshape([z.shape().num_elements()]);
-            let s = all.var(0).sqrt().into_scalar::<f32>() as f64;
-            *sf = 1.0 / s;
-            tracing::info!("scale_by_std: scale_factor = 1/std(z) = {}", *sf);
-        }
-        z.mul_scalar(*sf)
+        if tracked { Tensor::from_inner(z) } else { z }.detach()
+    }
+
+    /// Scaled latents of `x` (the diffusion model's space).
+    fn encode(&self, x: Tensor<4>, key: usize) -> Tensor<4> {
+        let sf = *self.state.scale_factor.lock().expect("lock");
+        self.latents(x, key).mul_scalar(sf)
     }
 
     fn conditioning(
         &self,
         batch: &ImageBatch,
-        step: usize,
+        key: usize,
         device: &Device,
     ) -> (Option<Tensor<3>>, Option<Tensor<1, Int>>) {
-        let mut rng = self.rng(step, 2);
+        let mut rng = self.rng(key, 2);
         let drop: Vec<bool> = (0..batch.captions.len())
             .map(|_| rng.random_bool(self.state.uncond_prob.clamp(0.0, 1.0)))
             .collect();
@@ -506,12 +534,13 @@ impl DiffusionTrainer {
         }
     }
 
-    /// The denoising loss of a batch at `step` (timesteps, noise and dropout from the seed).
-    fn loss(&self, batch: ImageBatch, step: usize) -> (Tensor<1>, Vec<(&'static str, f64)>) {
+    /// The denoising loss of a batch whose draws (timesteps, noise, dropout) come from the seed
+    /// and `key`.
+    fn loss(&self, batch: ImageBatch, key: usize) -> (Tensor<1>, Vec<(&'static str, f64)>) {
         let device = batch.images.device();
-        let z = self.encode(batch.images.clone(), step);
+        let z = self.encode(batch.images.clone(), key);
         let [b, c, h, w] = z.dims();
-        let mut rng = self.rng(step, 3);
+        let mut rng = self.rng(key, 3);
         let n_t = self.state.schedule.alphas_cumprod.len();
         let t: Vec<usize> = (0..b)
             .map(|_| sample_timestep(n_t, self.state.timestep_bias, &mut rng))
@@ -529,7 +558,7 @@ impl DiffusionTrainer {
         let sa = per_sample(&|a| (a as f32).sqrt());
         let so = per_sample(&|a| (1.0 - a as f32).sqrt());
         let x_noisy = z.clone() * sa.clone() + noise.clone() * so.clone();
-        let (context, y) = self.conditioning(&batch, step, &device);
+        let (context, y) = self.conditioning(&batch, key, &device);
         let tt = Tensor::<1>::from_data(
             TensorData::new(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), [b]),
             &device,
@@ -598,7 +627,8 @@ impl TrainStep for DiffusionTrainer {
                 *p = batch.captions.iter().take(4).cloned().collect();
             }
         }
-        let (loss, values) = self.loss(batch, step);
+        let key = self.draw_key(&batch, step);
+        let (loss, values) = self.loss(batch, key);
         let mut grads = loss.backward();
         let mut gp = GradientsParams::from_module(&mut grads, &self.unet);
         if !matches!(self.cond, CondNet::None(_)) {
@@ -626,13 +656,13 @@ impl TrainStep for DiffusionTrainer {
         m.update_ema();
         let done = m.state.step.load(Ordering::SeqCst);
         let per_epoch = m.state.steps_per_epoch;
-        if per_epoch > 0 && done % per_epoch == 0 {
+        if per_epoch > 0 && done.is_multiple_of(per_epoch) {
             let epoch = done / per_epoch;
             if let Err(e) = m.save_trainer_state(epoch) {
                 tracing::error!("epoch {epoch}: could not save the trainer state: {e}");
             }
         }
-        if m.state.sample_every > 0 && done % m.state.sample_every == 0 {
+        if m.state.sample_every > 0 && done.is_multiple_of(m.state.sample_every) {
             m.write_samples(done);
         }
         m
@@ -741,9 +771,11 @@ pub fn train_diffusion(
         train,
         valid,
         steps,
+        items,
+        first_batch,
         autodiff: ad,
     } = loaders(
-        data,
+        data.clone(),
         config.batch_size,
         config.steps_per_epoch,
         config.seed,
@@ -752,12 +784,29 @@ pub fn train_diffusion(
     )?;
     let mut model = model;
     model.state.steps_per_epoch = steps;
+    model.state.epoch_items = items;
     model
         .state
         .step
         .store(config.resume_epoch.unwrap_or(0) * steps, Ordering::SeqCst);
     if let Some(epoch) = config.resume_epoch {
         model.load_trainer_state(epoch)?;
+    } else if model.state.scale_by_std {
+        // The epoch's first batch, as its training step reads it (same items, same draw key).
+        let batch = first_batch
+            .iter()
+            .enumerate()
+            .map(|(position, &i)| {
+                let mut item = data.get(i).map_err(|e| Error::Read {
+                    path: dir.to_path_buf(),
+                    message: format!("the first training batch: {e}"),
+                })?;
+                item.position = position;
+                Ok(item)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let device = devices.first().expect("loaders checked the devices");
+        model.measure_scale_factor(&ImageBatcher.batch(batch, device));
     }
     let mut model = model.to_device(&ad);
     model.unet = trainable(model.unet);

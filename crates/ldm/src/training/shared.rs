@@ -93,7 +93,9 @@ impl<D: Dataset<ImageItem>> Dataset<ImageItem> for Epoch<D> {
         &self,
         index: usize,
     ) -> std::result::Result<ImageItem, burn::data::dataset::DatasetError> {
-        self.inner.get(self.order[index])
+        let mut item = self.inner.get(self.order[index])?;
+        item.position = index;
+        Ok(item)
     }
     fn len(&self) -> usize {
         self.order.len()
@@ -106,6 +108,10 @@ pub(crate) struct Loaders {
     pub(crate) valid: Arc<dyn DataLoader<ImageBatch>>,
     /// Steps per epoch.
     pub(crate) steps: usize,
+    /// Items per epoch (`steps · batch`).
+    pub(crate) items: usize,
+    /// The folder indices of the epoch's first batch.
+    pub(crate) first_batch: Vec<usize>,
     /// The autodiff version of the first device.
     pub(crate) autodiff: Device,
 }
@@ -137,6 +143,7 @@ pub(crate) fn loaders(
         perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
     }
     let order: Vec<usize> = (0..steps * batch).map(|i| perm[i % n]).collect();
+    let (items, first_batch) = (order.len(), order[..batch.min(order.len())].to_vec());
     let autodiff = device.clone().autodiff();
     let train = DataLoaderBuilder::new(ImageBatcher)
         .batch_size(batch)
@@ -156,6 +163,8 @@ pub(crate) fn loaders(
         train,
         valid,
         steps,
+        items,
+        first_batch,
         autodiff,
     })
 }
