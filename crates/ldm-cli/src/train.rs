@@ -165,10 +165,17 @@ fn folder(c: &Common) -> Result<ImageFolder> {
     )?)
 }
 
-fn devices(spec: &str) -> Result<Vec<ldm::burn::tensor::Device>> {
-    spec.split(',')
+/// The devices of `--device`, and the first of them (where the model is built) seeded with
+/// `--seed`: fresh weights come from the backend's RNG, so --seed reproduces a run.
+fn devices(c: &Common) -> Result<(Vec<ldm::burn::tensor::Device>, ldm::burn::tensor::Device)> {
+    let devs: Vec<_> = c
+        .device
+        .split(',')
         .map(|d| Ok(ldm::device::parse_device(d.trim())?))
-        .collect()
+        .collect::<Result<_>>()?;
+    let first = devs[0].clone();
+    first.seed(c.seed);
+    Ok((devs, first))
 }
 
 /// `--resume [N]`: the epoch to resume from (`last`: the newest checkpoint in `out`).
@@ -209,10 +216,7 @@ pub fn run(cmd: Train) -> Result<()> {
 
 fn autoencoder(a: TrainAe) -> Result<()> {
     let c = &a.common;
-    let devs = devices(&c.device)?;
-    let device = devs[0].clone();
-    // Fresh weights come from the backend's RNG: seed it, so --seed reproduces a run.
-    device.seed(c.seed);
+    let (devs, device) = devices(c)?;
     let (spec, mut loss_cfg, base_lr) = autoencoder_training_config(&a.config)
         .with_context(|| format!("reading {}", a.config.display()))?;
     let lpips_files = match (&a.lpips_vgg, &a.lpips_lin) {
@@ -286,10 +290,7 @@ fn autoencoder(a: TrainAe) -> Result<()> {
 
 fn diffusion(a: TrainLdm) -> Result<()> {
     let c = &a.common;
-    let devs = devices(&c.device)?;
-    let device = devs[0].clone();
-    // Fresh weights come from the backend's RNG: seed it, so --seed reproduces a run.
-    device.seed(c.seed);
+    let (devs, device) = devices(c)?;
     let spec = LdmSpec::from_yaml_file(&a.config)?;
     let mut model = match &a.init_from {
         Some(init) => {

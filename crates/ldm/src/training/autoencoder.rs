@@ -300,7 +300,6 @@ pub fn train_autoencoder(
         valid,
         steps,
         autodiff: ad,
-        ..
     } = loaders(
         data,
         config.batch_size,

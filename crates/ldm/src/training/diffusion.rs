@@ -11,8 +11,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use burn::config::Config;
-use burn::data::dataloader::batcher::Batcher;
-use burn::data::dataset::Dataset;
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
@@ -21,7 +19,7 @@ use burn::train::{InferenceStep, Learner, SupervisedTraining, TrainOutput, Train
 use rand::RngExt;
 
 use super::autoencoder::{FirstStageNet, trainable};
-use super::data::{ImageBatch, ImageBatcher, ImageFolder};
+use super::data::{ImageBatch, ImageFolder};
 use super::metrics::{ScalarMetric, Scalars};
 use super::shared::{
     CsvLog, Loaders, MergeGrads, Tensors, export, loaders, randn, save_grid, step_rng, with_devices,
@@ -446,7 +444,8 @@ impl DiffusionTrainer {
     /// starts, so every device's first step already uses it.
     fn measure_scale_factor(&self, batch: &ImageBatch) {
         let z = self.latents(batch.images.clone(), 0);
-        let all = z.clone().reshape([z.shape().num_elements()]);
+        let n = z.shape().num_elements();
+        let all = z.reshape([n]);
         let s = all.var(0).sqrt().into_scalar::<f32>() as f64;
         *self.state.scale_factor.lock().expect("lock") = 1.0 / s;
         tracing::info!("scale_by_std: scale_factor = 1/std(z) = {}", 1.0 / s);
@@ -771,11 +770,9 @@ pub fn train_diffusion(
         train,
         valid,
         steps,
-        items,
-        first_batch,
         autodiff: ad,
     } = loaders(
-        data.clone(),
+        data,
         config.batch_size,
         config.steps_per_epoch,
         config.seed,
@@ -784,7 +781,7 @@ pub fn train_diffusion(
     )?;
     let mut model = model;
     model.state.steps_per_epoch = steps;
-    model.state.epoch_items = items;
+    model.state.epoch_items = train.num_items();
     model
         .state
         .step
@@ -792,21 +789,16 @@ pub fn train_diffusion(
     if let Some(epoch) = config.resume_epoch {
         model.load_trainer_state(epoch)?;
     } else if model.state.scale_by_std {
-        // The epoch's first batch, as its training step reads it (same items, same draw key).
-        let batch = first_batch
+        // The epoch's first batch, from the training loader itself (same items, same draw key).
+        let batch = train
             .iter()
-            .enumerate()
-            .map(|(position, &i)| {
-                let mut item = data.get(i).map_err(|e| Error::Read {
-                    path: dir.to_path_buf(),
-                    message: format!("the first training batch: {e}"),
-                })?;
-                item.position = position;
-                Ok(item)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let device = devices.first().expect("loaders checked the devices");
-        model.measure_scale_factor(&ImageBatcher.batch(batch, device));
+            .next()
+            .ok_or_else(|| Error::Config("the training data gives no batch".into()))?
+            .map_err(|e| Error::Read {
+                path: dir.to_path_buf(),
+                message: format!("the first training batch: {e}"),
+            })?;
+        model.measure_scale_factor(&batch);
     }
     let mut model = model.to_device(&ad);
     model.unet = trainable(model.unet);

@@ -108,10 +108,6 @@ pub(crate) struct Loaders {
     pub(crate) valid: Arc<dyn DataLoader<ImageBatch>>,
     /// Steps per epoch.
     pub(crate) steps: usize,
-    /// Items per epoch (`steps · batch`).
-    pub(crate) items: usize,
-    /// The folder indices of the epoch's first batch.
-    pub(crate) first_batch: Vec<usize>,
     /// The autodiff version of the first device.
     pub(crate) autodiff: Device,
 }
@@ -143,7 +139,6 @@ pub(crate) fn loaders(
         perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
     }
     let order: Vec<usize> = (0..steps * batch).map(|i| perm[i % n]).collect();
-    let (items, first_batch) = (order.len(), order[..batch.min(order.len())].to_vec());
     let autodiff = device.clone().autodiff();
     let train = DataLoaderBuilder::new(ImageBatcher)
         .batch_size(batch)
@@ -163,8 +158,6 @@ pub(crate) fn loaders(
         train,
         valid,
         steps,
-        items,
-        first_batch,
         autodiff,
     })
 }
