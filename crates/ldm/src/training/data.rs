@@ -188,7 +188,9 @@ impl ImageFolder {
             ((h as f64 * scale).round() as u32).max(t.size as u32),
         );
         let img = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
-        // Per-item RNG: the same image gets the same crop/flip for a given seed and draw count.
+        // Per-item RNG: an image gets the same crop and flip every time it is drawn in a run (for
+        // a given seed), which keeps resumed runs exact and bounds `--cache-latents` to one entry
+        // per image; unlike torchvision's per-draw transforms, it does not vary between passes.
         let mut rng = rand::rngs::StdRng::seed_from_u64(
             self.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
