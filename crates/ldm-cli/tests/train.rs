@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use common::*;
 
@@ -99,6 +100,17 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// `ldm train WHAT --config YAML --data DATA --out OUT --size 32 EXTRA..` (every run here trains
+/// on the 32-px squares of [`shapes`]).
+fn ldm_train(what: &str, yaml: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let (yaml, data, out) = (s(yaml), s(data), s(out));
+    let mut args = vec![
+        "train", what, "--config", &yaml, "--data", &data, "--out", &out, "--size", "32",
+    ];
+    args.extend_from_slice(extra);
+    ldm(&args)
+}
+
 #[test]
 fn train_autoencoder_cli_runs_with_the_plain_renderer() {
     let dir = temp_dir("train-ae");
@@ -106,24 +118,20 @@ fn train_autoencoder_cli_runs_with_the_plain_renderer() {
     let yaml = dir.join("ae.yaml");
     std::fs::write(&yaml, AE_YAML).unwrap();
     let out = dir.join("run");
-    let o = ldm(&[
-        "train",
+    let o = ldm_train(
         "autoencoder",
-        "--config",
-        &s(&yaml),
-        "--data",
-        &s(&dir.join("data")),
-        "--out",
-        &s(&out),
-        "--size",
-        "32",
-        "--batch-size",
-        "2",
-        "--steps-per-epoch",
-        "10",
-        "--sample-every",
-        "5",
-    ]);
+        &yaml,
+        &dir.join("data"),
+        &out,
+        &[
+            "--batch-size",
+            "2",
+            "--steps-per-epoch",
+            "10",
+            "--sample-every",
+            "5",
+        ],
+    );
     assert_ok(&o);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -194,28 +202,24 @@ fn train_diffusion_then_sample_the_checkpoint() {
     let yaml = dir.join("ldm.yaml");
     std::fs::write(&yaml, LDM_YAML).unwrap();
     let out = dir.join("run");
-    let o = ldm(&[
-        "train",
+    let o = ldm_train(
         "diffusion",
-        "--config",
-        &s(&yaml),
-        "--data",
-        &s(&dir.join("data")),
-        "--out",
-        &s(&out),
-        "--size",
-        "32",
-        "--batch-size",
-        "4",
-        "--steps-per-epoch",
-        "30",
-        "--lr",
-        "1e-3",
-        "--ema-decay",
-        "0.99",
-        "--sample-every",
-        "15",
-    ]);
+        &yaml,
+        &dir.join("data"),
+        &out,
+        &[
+            "--batch-size",
+            "4",
+            "--steps-per-epoch",
+            "30",
+            "--lr",
+            "1e-3",
+            "--ema-decay",
+            "0.99",
+            "--sample-every",
+            "15",
+        ],
+    );
     assert_ok(&o);
     let loss = csv_column(&out.join("losses.csv"), "loss");
     assert_eq!(loss.len(), 30);
@@ -388,19 +392,7 @@ fn train_diffusion_resumes_exactly() {
     )
     .unwrap();
     let train = |out: &Path, extra: &[&str]| {
-        let data = s(&dir.join("data"));
-        let (yaml, out) = (s(&yaml), s(out));
         let mut args = vec![
-            "train",
-            "diffusion",
-            "--config",
-            &yaml,
-            "--data",
-            &data,
-            "--out",
-            &out,
-            "--size",
-            "32",
             "--batch-size",
             "4",
             "--epochs",
@@ -413,7 +405,7 @@ fn train_diffusion_resumes_exactly() {
             "0.9",
         ];
         args.extend_from_slice(extra);
-        ldm(&args)
+        ldm_train("diffusion", &yaml, &dir.join("data"), out, &args)
     };
     let a = dir.join("a");
     assert_ok(&train(&a, &[]));
@@ -498,31 +490,26 @@ fn the_same_seed_trains_the_same_weights() {
         "scale_factor: 1.0\n    scale_by_std: true",
     );
     std::fs::write(&ldm_yaml, by_std).unwrap();
-    let data = s(&dir.join("data"));
+    let data = dir.join("data");
     // 8 steps: the discriminator (from step 6) takes part too.
     let train = |what: &str, yaml: &Path, name: &str, seed: &str, device: &str| {
         let out = dir.join(name);
-        let (yaml, out_s) = (s(yaml), s(&out));
-        assert_ok(&ldm(&[
-            "train",
+        assert_ok(&ldm_train(
             what,
-            "--config",
-            &yaml,
-            "--data",
+            yaml,
             &data,
-            "--out",
-            &out_s,
-            "--size",
-            "32",
-            "--batch-size",
-            "2",
-            "--steps-per-epoch",
-            "8",
-            "--seed",
-            seed,
-            "--device",
-            device,
-        ]));
+            &out,
+            &[
+                "--batch-size",
+                "2",
+                "--steps-per-epoch",
+                "8",
+                "--seed",
+                seed,
+                "--device",
+                device,
+            ],
+        ));
         out
     };
     let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -557,19 +544,8 @@ fn cached_latents_train_as_uncached_ones() {
     let yaml = dir.join("ldm.yaml");
     std::fs::write(&yaml, LDM_YAML).unwrap();
     let train = |name: &str, extra: &[&str]| {
-        let (data, yaml, out) = (s(&dir.join("data")), s(&yaml), dir.join(name));
-        let out_s = s(&out);
+        let out = dir.join(name);
         let mut args = vec![
-            "train",
-            "diffusion",
-            "--config",
-            &yaml,
-            "--data",
-            &data,
-            "--out",
-            &out_s,
-            "--size",
-            "32",
             "--flip",
             "--batch-size",
             "4",
@@ -583,7 +559,7 @@ fn cached_latents_train_as_uncached_ones() {
             "3",
         ];
         args.extend_from_slice(extra);
-        let o = ldm(&args);
+        let o = ldm_train("diffusion", &yaml, &dir.join("data"), &out, &args);
         assert_ok(&o);
         (
             csv_column(&out.join("losses.csv"), "loss"),
